@@ -1,0 +1,136 @@
+"""Request schemas of every method and of mask sampling: pydantic only, no torch.
+
+The API validates a job against these before it queues anything, so they must stay importable
+in the slim API image. Unknown names are rejected (``extra="forbid"``): a typo is a 422, not a
+silently ignored knob.
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FloatRange = tuple[float, float]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _ordered(rng: FloatRange, name: str) -> None:
+    if rng[0] > rng[1]:
+        raise ValueError(f"{name}: the lower bound {rng[0]} is above the upper bound {rng[1]}")
+
+
+class MaskSpec(StrictModel):
+    """Where the defects go: the ``masks`` object of a job request."""
+
+    source: Literal["native", "exemplar", "box", "given"] | None = Field(
+        default=None,
+        description="native: the method's own mask generator (Perlin blobs for draem, CutPaste "
+        "patches for cutpaste); exemplar: the exemplar masks with a random affine jitter, placed "
+        "inside the product's foreground; box: rectangles; given: the masks of the exemplars "
+        "listed in `masks`, used as they are. Default: the method's `default_mask_source`.",
+    )
+    scale: FloatRange = Field(default=(0.75, 1.25), description="exemplar jitter: scale range")
+    rotation: float = Field(default=180.0, ge=0, le=180, description="exemplar jitter: max |angle| in degrees")
+    box_area: FloatRange = Field(default=(0.01, 0.06), description="box: area as a fraction of the image")
+    box_aspect: FloatRange = Field(default=(0.3, 3.3), description="box: width/height ratio range")
+    boxes: list[tuple[int, int, int, int]] | None = Field(
+        default=None, description="box: fixed boxes (x0, y0, x1, y1) in pixels, used in turn"
+    )
+    masks: list[str] = Field(default_factory=list, description="given: exemplar ids whose masks are used")
+    inside_foreground: bool = Field(default=True, description="keep targets on the product, not its background")
+
+    @model_validator(mode="after")
+    def _check(self):
+        _ordered(self.scale, "scale")
+        _ordered(self.box_area, "box_area")
+        _ordered(self.box_aspect, "box_aspect")
+        if not 0 < self.scale[0]:
+            raise ValueError("scale must be positive")
+        if not (0 < self.box_area[0] and self.box_area[1] <= 1):
+            raise ValueError("box_area must lie in (0, 1]")
+        if not 0 < self.box_aspect[0]:
+            raise ValueError("box_aspect must be positive")
+        for box in self.boxes or []:
+            x0, y0, x1, y1 = box
+            if x0 < 0 or y0 < 0 or x1 <= x0 or y1 <= y0:
+                raise ValueError(f"box {list(box)} is not (x0, y0, x1, y1) with x0 < x1 and y0 < y1")
+        if self.source == "given" and not self.masks:
+            raise ValueError("source 'given' needs `masks`: a list of exemplar ids")
+        if self.source == "box" and self.boxes == []:
+            raise ValueError("`boxes` is empty: omit it for random boxes")
+        return self
+
+
+class DraemParams(StrictModel):
+    """DRAEM-style synthesis: a texture blended into the mask with a random opacity."""
+
+    texture: Literal["auto", "normals", "noise"] = Field(
+        default="auto",
+        description="normals: an augmented crop of the product's own normal images; noise: "
+        "procedural Perlin texture; auto: either, at random",
+    )
+    opacity: FloatRange = Field(default=(0.2, 1.0), description="texture opacity range (DRAEM: 1 - beta)")
+    perlin_scale: tuple[int, int] = Field(default=(0, 6), description="native masks: Perlin scale exponents")
+    perlin_threshold: float = Field(default=0.5, gt=0, lt=1, description="native masks: noise threshold")
+
+    @model_validator(mode="after")
+    def _check(self):
+        _ordered(self.opacity, "opacity")
+        if not (0 < self.opacity[0] and self.opacity[1] <= 1):
+            raise ValueError("opacity must lie in (0, 1]")
+        if not (0 <= self.perlin_scale[0] <= self.perlin_scale[1] <= 8):
+            raise ValueError("perlin_scale must satisfy 0 <= low <= high <= 8")
+        return self
+
+
+class CutPasteParams(StrictModel):
+    """CutPaste: a patch of the image itself, jittered and pasted elsewhere."""
+
+    variant: Literal["cutpaste", "scar", "mixed"] = Field(
+        default="mixed", description="cutpaste: large rectangles; scar: thin rotated strips; mixed: either"
+    )
+    area: FloatRange = Field(default=(0.02, 0.15), description="native patches: area fraction range")
+    aspect: FloatRange = Field(default=(0.3, 3.3), description="native patches: width/height range")
+    scar_width: tuple[int, int] = Field(default=(2, 16), description="scar width in pixels at 256 px")
+    scar_length: tuple[int, int] = Field(default=(10, 25), description="scar length in pixels at 256 px")
+    color_jitter: float = Field(default=0.1, ge=0, le=1, description="brightness/contrast jitter of the patch")
+
+    @model_validator(mode="after")
+    def _check(self):
+        _ordered(self.area, "area")
+        _ordered(self.aspect, "aspect")
+        if not (0 < self.area[0] and self.area[1] <= 1):
+            raise ValueError("area must lie in (0, 1]")
+        for name in ("scar_width", "scar_length"):
+            low, high = getattr(self, name)
+            if not 1 <= low <= high:
+                raise ValueError(f"{name} must satisfy 1 <= low <= high")
+        return self
+
+
+class DiffusionParams(StrictModel):
+    """Knobs every diffusion method shares (DESIGN section 3 names them)."""
+
+    resolution: int = Field(default=512, ge=64, le=1024, multiple_of=8, description="model-side square size")
+    num_inference_steps: int = Field(default=50, ge=1, le=1000)
+    guidance_scale: float = Field(default=7.5, ge=1.0, le=30.0)
+
+
+class AnoGenParams(DiffusionParams):
+    """AnoGen (arXiv 2505.09263): a learnt defect embedding and box-blended latent inpainting."""
+
+    train_steps: int = Field(default=6000, ge=1, le=100_000, description="fine-tune: optimiser steps")
+    learning_rate: float = Field(default=0.005, gt=0, le=1.0, description="fine-tune: Adam learning rate")
+    batch_size: int = Field(default=4, ge=1, le=64, description="fine-tune: images per step")
+    initializer_token: str = Field(default="defect", min_length=1, description="word the embedding starts from")
+    masked_loss: bool = Field(default=True, description="fine-tune: weight the loss by the exemplar mask")
+    refined_mask: bool = Field(default=False, description="generate: also write a mask of where the image changed")
+
+
+PARAMS_BY_METHOD: dict[str, type[StrictModel]] = {
+    "draem": DraemParams,
+    "cutpaste": CutPasteParams,
+    "anogen": AnoGenParams,
+}
