@@ -1,0 +1,55 @@
+"""The Celery side of the API: the shared broker configuration and job submission by task name.
+
+The API only *sends* tasks, by name, so it never imports the workers (or torch).
+"""
+
+from celery import Celery
+from kombu import Queue
+
+from service.settings import Settings
+
+RUN_JOB_TASK = "workers.run_job"
+QUEUES = ("gpu", "metrics")
+QUEUE_BY_KIND = {"finetune": "gpu", "generate": "gpu", "evaluate": "metrics"}
+
+
+def celery_config(settings: Settings) -> dict:
+    """One configuration for producer and workers (see DESIGN section 5)."""
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            # Longer than the longest job, so a running job is never handed to a second worker;
+            # a job whose worker died comes back after this many seconds.
+            "visibility_timeout": settings.visibility_timeout,
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
+            "unacked_restore_throttle": 1,
+        },
+        "task_queues": [Queue(name) for name in QUEUES],
+        "task_default_queue": "gpu",
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,  # job state lives in our own records, not Celery's backend
+        "task_soft_time_limit": settings.job_time_limit,
+        "task_time_limit": settings.job_time_limit + 60,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+    }
+
+
+def make_producer(settings: Settings) -> Celery:
+    app = Celery("anomaly_synth_api")
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def enqueue_job(producer: Celery, job_id: str, kind: str) -> None:
+    producer.send_task(RUN_JOB_TASK, args=[job_id], queue=QUEUE_BY_KIND[kind])
+
+
+def queue_depth(redis_client, queue: str) -> int:
+    """Messages waiting in a queue: kombu's Redis transport keeps each queue as a list of that name."""
+    return int(redis_client.llen(queue))

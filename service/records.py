@@ -1,0 +1,129 @@
+"""Records of exemplars, datasets and jobs, kept in Redis so they outlive any API process.
+
+Layout:
+    exemplar:<id>, dataset:<id>    JSON string of the record
+    job:<id>                       hash, one JSON-encoded value per field, so progress updates,
+                                   cancel requests and status transitions never overwrite each other
+    tenant:<t>:<kind>s             sorted set of ids by creation time (listing, newest first)
+"""
+
+import json
+import time
+import uuid
+
+import redis
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+# Set fields only if the current status is one of the allowed ones: one atomic step, so a worker
+# finishing a job can never overwrite a cancel that landed a moment earlier.
+_TRANSITION = """
+local raw = redis.call('HGET', KEYS[1], 'status')
+if not raw then return -1 end
+local current = cjson.decode(raw)
+for allowed in string.gmatch(ARGV[1], '[^,]+') do
+  if allowed == current then
+    redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+    return 1
+  end
+end
+return 0
+"""
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now() -> float:
+    return time.time()
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+
+
+class Records:
+    def __init__(self, client: redis.Redis):
+        self.redis = client
+        self._transition = client.register_script(_TRANSITION)
+
+    # -- exemplars and datasets: immutable JSON records ------------------------------------
+    def put_record(self, kind: str, record: dict) -> None:
+        pipe = self.redis.pipeline()
+        pipe.set(f"{kind}:{record['id']}", json.dumps(record))
+        pipe.zadd(f"tenant:{record['tenant']}:{kind}s", {record["id"]: record["created_at"]})
+        pipe.execute()
+
+    def get_record(self, kind: str, tenant: str, record_id: str) -> dict | None:
+        raw = self.redis.get(f"{kind}:{record_id}")
+        record = json.loads(raw) if raw else None
+        return record if record and record["tenant"] == tenant else None
+
+    def list_records(self, kind: str, tenant: str, limit: int = 1000) -> list[dict]:
+        ids = self.redis.zrevrange(f"tenant:{tenant}:{kind}s", 0, limit - 1)
+        if not ids:
+            return []
+        raws = self.redis.mget([f"{kind}:{i}" for i in ids])
+        return [json.loads(r) for r in raws if r]
+
+    def delete_record(self, kind: str, record: dict) -> None:
+        pipe = self.redis.pipeline()
+        pipe.delete(f"{kind}:{record['id']}")
+        pipe.zrem(f"tenant:{record['tenant']}:{kind}s", record["id"])
+        pipe.execute()
+
+    # -- jobs -------------------------------------------------------------------------------
+    def create_job(self, job: dict) -> None:
+        pipe = self.redis.pipeline()
+        pipe.hset(f"job:{job['id']}", mapping={k: json.dumps(v) for k, v in job.items()})
+        pipe.zadd(f"tenant:{job['tenant']}:jobs", {job["id"]: job["created_at"]})
+        pipe.execute()
+
+    def delete_job(self, job: dict) -> None:
+        pipe = self.redis.pipeline()
+        pipe.delete(f"job:{job['id']}")
+        pipe.zrem(f"tenant:{job['tenant']}:jobs", job["id"])
+        pipe.execute()
+
+    def get_job(self, job_id: str, tenant: str | None = None) -> dict | None:
+        """The job, or None if it does not exist or belongs to another tenant."""
+        raw = self.redis.hgetall(f"job:{job_id}")
+        if not raw:
+            return None
+        job = {k: json.loads(v) for k, v in raw.items()}
+        if tenant is not None and job.get("tenant") != tenant:
+            return None
+        return job
+
+    def get_job_field(self, job_id: str, field: str):
+        raw = self.redis.hget(f"job:{job_id}", field)
+        return json.loads(raw) if raw is not None else None
+
+    def list_jobs(self, tenant: str, status: str | None, kind: str | None, limit: int) -> list[dict]:
+        ids = self.redis.zrevrange(f"tenant:{tenant}:jobs", 0, -1)
+        found: list[dict] = []
+        for start in range(0, len(ids), 200):
+            pipe = self.redis.pipeline()
+            for job_id in ids[start:start + 200]:
+                pipe.hgetall(f"job:{job_id}")
+            for raw in pipe.execute():
+                if not raw:
+                    continue
+                job = {k: json.loads(v) for k, v in raw.items()}
+                if (status is None or job["status"] == status) and (kind is None or job["kind"] == kind):
+                    found.append(job)
+                    if len(found) == limit:
+                        return found
+        return found
+
+    def update_job(self, job_id: str, **fields) -> None:
+        self.redis.hset(f"job:{job_id}", mapping={k: json.dumps(v) for k, v in fields.items()})
+
+    def transition(self, job_id: str, allowed_from: tuple[str, ...], **fields) -> bool:
+        """Set `fields` (normally including a new status) only if the status is in allowed_from."""
+        args = [",".join(allowed_from)]
+        for key, value in fields.items():
+            args += [key, json.dumps(value)]
+        return self._transition(keys=[f"job:{job_id}"], args=args) == 1

@@ -1,0 +1,165 @@
+import json
+import mimetypes
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.responses import FileResponse, Response
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from service.auth import current_tenant
+from service.errors import ApiError, describe_validation_errors
+from service.metrics import JOBS_SUBMITTED
+from service.records import TERMINAL, now
+from service.schemas import (
+    NAME_PATTERN, ArtifactList, ErrorResponse, Job, JobAccepted, JobCreate, JobList, JobStatus, JobKind,
+)
+from service.storage import LocalStorage, StorageError, check_key
+from service.submission import build_job, submit
+from service.uploads import store_exemplars, validate_exemplar
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 422, 503)}
+
+PUBLIC_JOB_FIELDS = set(Job.model_fields)
+
+
+def public_job(job: dict) -> dict:
+    return {k: v for k, v in job.items() if k in PUBLIC_JOB_FIELDS}
+
+
+def _owned_job(request: Request, tenant: str, job_id: str) -> dict:
+    job = request.app.state.records.get_job(job_id, tenant)
+    if job is None:  # another tenant's job is "not found" too: its existence is not disclosed
+        raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+    return job
+
+
+def _build(request: Request, tenant: str, body: JobCreate, lookup) -> dict:
+    records = request.app.state.records
+    return build_job(request.app.state.settings, tenant, body, lookup, lambda i: records.get_job(i, tenant))
+
+
+def _queue(request: Request, job: dict) -> None:
+    submit(request.app.state.records, request.app.state.producer, job)
+    JOBS_SUBMITTED.labels(job["kind"], job["method"] or "").inc()
+
+
+@router.post("", status_code=202, response_model=JobAccepted, responses=ERRORS)
+def create_job(body: JobCreate, request: Request, tenant: str = Depends(current_tenant)):
+    """Queue a fine-tune, generate or evaluate job. Poll GET /v1/jobs/{id} for its progress."""
+    records = request.app.state.records
+    job = _build(request, tenant, body, lambda i: records.get_record("exemplar", tenant, i))
+    _queue(request, job)
+    return {"id": job["id"], "status": job["status"]}
+
+
+@router.post("/generate", status_code=202, response_model=JobAccepted, responses=ERRORS)
+async def create_generate_job_from_files(
+    request: Request,
+    image: UploadFile = File(..., description="the reference anomaly image"),
+    mask: UploadFile = File(..., description="its defect mask"),
+    normal: list[UploadFile] = File(..., description="one or more normal images"),
+    method: str = Form(..., examples=["draem"]),
+    count: int = Form(10, ge=1),
+    params: str = Form("{}", description="method parameters as a JSON object"),
+    masks: str = Form("{}", description="mask spec as a JSON object, e.g. {\"source\": \"exemplar\"}"),
+    seed: int | None = Form(None, ge=0, lt=2**32),
+    product: str = Form("adhoc", pattern=NAME_PATTERN),
+    defect: str = Form("anomaly", pattern=NAME_PATTERN),
+    tenant: str = Depends(current_tenant),
+):
+    """Ad hoc shortcut: upload one exemplar and its normals and queue a generate job in one call.
+    All files are validated before anything is stored."""
+    state = request.app.state
+    parsed = {}
+    for field, raw in (("params", params), ("masks", masks)):
+        try:
+            parsed[field] = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ApiError(422, "invalid_params", f"{field} is not valid JSON: {exc}") from None
+        if not isinstance(parsed[field], dict):
+            raise ApiError(422, "invalid_params", f"{field} must be a JSON object")
+    anomaly = await validate_exemplar(state.settings, tenant, image, mask, product, defect)
+    normals = [
+        await validate_exemplar(state.settings, tenant, f, None, product, None, field=f"normal[{i}]")
+        for i, f in enumerate(normal)
+    ]
+    try:
+        body = JobCreate(
+            kind="generate", method=method, product=product, defect=defect, count=count, seed=seed,
+            exemplars=[anomaly.record["id"]], normals=[n.record["id"] for n in normals],
+            masks=parsed["masks"], params=parsed["params"],
+        )
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", describe_validation_errors(exc.errors())) from None
+    pending = {p.record["id"]: p.record for p in [anomaly, *normals]}
+    # Validate the job against the not-yet-stored exemplars, then store files, then queue.
+    job = _build(request, tenant, body, pending.get)
+    await run_in_threadpool(store_exemplars, state.storage, state.records, [anomaly, *normals])
+    await run_in_threadpool(_queue, request, job)
+    return {"id": job["id"], "status": job["status"]}
+
+
+@router.get("", response_model=JobList, responses={401: {"model": ErrorResponse}})
+def list_jobs(
+    request: Request,
+    status: JobStatus | None = Query(None),
+    kind: JobKind | None = Query(None),
+    limit: int = Query(50, ge=1, le=1000),
+    tenant: str = Depends(current_tenant),
+):
+    jobs = request.app.state.records.list_jobs(tenant, status, kind, limit)
+    return {"items": [public_job(j) for j in jobs]}
+
+
+@router.get("/{job_id}", response_model=Job, responses=ERRORS)
+def get_job(job_id: str, request: Request, tenant: str = Depends(current_tenant)):
+    return public_job(_owned_job(request, tenant, job_id))
+
+
+@router.delete("/{job_id}", status_code=202, response_model=JobAccepted, responses=ERRORS)
+def cancel_job(job_id: str, request: Request, tenant: str = Depends(current_tenant)):
+    """Cancel: a queued job is cancelled at once; a running one at its next step (within seconds)."""
+    records = request.app.state.records
+    job = _owned_job(request, tenant, job_id)
+    if job["status"] in TERMINAL:
+        raise ApiError(409, "job_finished", f"job {job_id} is already {job['status']}")
+    records.update_job(job_id, cancel_requested=True)
+    if records.transition(job_id, ("queued",), status="cancelled", finished_at=now()):
+        return {"id": job_id, "status": "cancelled"}
+    return {"id": job_id, "status": records.get_job_field(job_id, "status")}
+
+
+def _artifact_prefixes(job_id: str) -> tuple[str, ...]:
+    return (f"jobs/{job_id}/", f"adapters/{job_id}/")
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=ERRORS)
+def list_artifacts(job_id: str, request: Request, tenant: str = Depends(current_tenant)):
+    """Every stored output of the job, with a download URL (presigned on S3, through the API on disk)."""
+    _owned_job(request, tenant, job_id)
+    state = request.app.state
+    base = str(request.base_url).rstrip("/")
+    items = []
+    for prefix in _artifact_prefixes(job_id):
+        for obj in state.storage.list(prefix):
+            url = state.storage.presigned_url(obj.key, state.settings.artifact_url_expiry)
+            items.append({"key": obj.key, "url": url or f"{base}/v1/jobs/{job_id}/artifacts/{obj.key}", "size": obj.size})
+    return {"items": items}
+
+
+@router.get("/{job_id}/artifacts/{key:path}", responses=ERRORS, response_class=Response)
+def download_artifact(job_id: str, key: str, request: Request, tenant: str = Depends(current_tenant)):
+    """Download one artifact by its key (as listed)."""
+    _owned_job(request, tenant, job_id)
+    storage = request.app.state.storage
+    try:
+        check_key(key)
+    except StorageError:
+        raise ApiError(404, "artifact_not_found", f"no artifact {key!r}") from None
+    if not key.startswith(_artifact_prefixes(job_id)) or not storage.exists(key):
+        raise ApiError(404, "artifact_not_found", f"no artifact {key!r}")
+    media_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
+    if isinstance(storage, LocalStorage):
+        return FileResponse(storage.local_path(key), media_type=media_type)
+    return Response(storage.get(key), media_type=media_type)

@@ -1,0 +1,27 @@
+from fastapi import APIRouter, Depends, Request
+
+from models.methods.registry import METHODS
+from service.auth import current_tenant
+from service.schemas import MethodList
+
+router = APIRouter(prefix="/v1/methods", tags=["methods"])
+
+
+@router.get("", response_model=MethodList)
+def list_methods(request: Request, _: str = Depends(current_tenant)):
+    """Every method, whether it can run with this deployment's weights, and its parameter schema."""
+    sd_model_dir = request.app.state.settings.sd_model_dir
+    items = []
+    for method in METHODS.values():
+        reason = method.unavailable_reason(sd_model_dir)
+        items.append({
+            "name": method.name,
+            "family": method.family,
+            "kinds": list(method.kinds),
+            "available": reason is None,
+            "reason": reason,
+            "default_mask_source": method.default_mask_source,
+            "summary": method.summary,
+            "params_schema": method.params_model.model_json_schema(),
+        })
+    return {"items": items}

@@ -1,0 +1,135 @@
+"""Request and response bodies of the REST API (DESIGN section 3)."""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.methods.params import MaskSpec
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+JobKind = Literal["finetune", "generate", "evaluate"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["mask_size_mismatch"])
+    message: str = Field(examples=["mask is 64x64 but its image is 128x128"])
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Exemplar(BaseModel):
+    id: str
+    product: str
+    defect: str | None
+    kind: Literal["anomaly", "normal"]
+    width: int
+    height: int
+    mode: Literal["L", "RGB"]
+    created_at: float
+
+
+class ExemplarList(BaseModel):
+    items: list[Exemplar]
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "kind": "generate",
+                    "method": "draem",
+                    "exemplars": ["3f2c...e1"],
+                    "normals": ["9a41...07", "b7d0...5c"],
+                    "count": 20,
+                    "seed": 7,
+                    "masks": {"source": "exemplar"},
+                    "params": {"opacity": [0.5, 1.0]},
+                }
+            ]
+        },
+    )
+
+    kind: JobKind
+    method: str | None = Field(default=None, description="see GET /v1/methods; not used by evaluate jobs")
+    product: str | None = Field(default=None, pattern=NAME_PATTERN, description="default: the exemplars' product")
+    defect: str | None = Field(
+        default=None, pattern=NAME_PATTERN, description="output folder name; default: the exemplars' defect"
+    )
+    exemplars: list[str] = Field(default_factory=list, max_length=64, description="anomaly exemplar ids")
+    normals: list[str] = Field(default_factory=list, max_length=10_000, description="normal image ids")
+    adapter: str | None = Field(default=None, description="id of a succeeded fine-tune job of the same method")
+    count: int = Field(default=10, ge=1, description="pairs to generate")
+    seed: int | None = Field(default=None, ge=0, lt=2**32, description="default: drawn at submit and recorded")
+    masks: MaskSpec = Field(default_factory=MaskSpec)
+    params: dict[str, Any] = Field(default_factory=dict, description="method parameters: see params_schema")
+    dataset: str | None = Field(default=None, description="evaluate: dataset id")
+    generated: list[str] = Field(default_factory=list, description="evaluate: generate job ids")
+
+
+class Progress(BaseModel):
+    fraction: float
+    stage: str
+    done: int
+    total: int
+
+
+class Job(BaseModel):
+    id: str
+    kind: JobKind
+    method: str | None
+    status: JobStatus
+    progress: Progress
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    result: dict | None
+    error: ErrorDetail | None
+    product: str | None = None
+    defect: str | None = None
+    count: int | None = None
+    seed: int | None = None
+    exemplars: list[str] = []
+    normals: list[str] = []
+    adapter: str | None = None
+    masks: dict | None = None
+    params: dict = {}
+
+
+class JobAccepted(BaseModel):
+    id: str
+    status: JobStatus
+
+
+class JobList(BaseModel):
+    items: list[Job]
+
+
+class Artifact(BaseModel):
+    key: str
+    url: str
+    size: int
+
+
+class ArtifactList(BaseModel):
+    items: list[Artifact]
+
+
+class MethodDescription(BaseModel):
+    name: str
+    family: Literal["model-free", "fine-tune", "training-free"]
+    kinds: list[JobKind]
+    available: bool
+    reason: str | None
+    default_mask_source: str
+    summary: str
+    params_schema: dict
+
+
+class MethodList(BaseModel):
+    items: list[MethodDescription]

@@ -1,0 +1,160 @@
+"""Object storage behind one small interface: a local directory or an S3 bucket (via boto3).
+
+Keys are '/'-separated paths such as ``jobs/<id>/images/scratch/0.png``. Writes are whole-object
+and idempotent: writing a key again replaces it, so a redelivered job overwrites its outputs.
+"""
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+
+class StorageError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+
+
+def check_key(key: str) -> str:
+    """Reject keys that could escape the storage root ('..', absolute, empty parts)."""
+    if not key or "\\" in key or any(part in ("", ".", "..") for part in key.split("/")):
+        raise StorageError(f"invalid storage key {key!r}")
+    return key
+
+
+class Storage(Protocol):
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str) -> list[StoredObject]: ...
+    def delete_prefix(self, prefix: str) -> None: ...
+    def presigned_url(self, key: str, expires: int) -> str | None: ...
+    def check(self) -> None: ...
+
+
+class LocalStorage:
+    """A directory on disk. Downloads go through the API (no presigned URLs)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def put(self, key, data, content_type="application/octet-stream"):
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename, so a reader never sees half a file and a killed worker leaves none.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+    def get(self, key):
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def exists(self, key):
+        return self._path(key).is_file()
+
+    def local_path(self, key: str) -> Path:
+        return self._path(key)
+
+    def list(self, prefix):
+        base = self.root / prefix
+        if not base.is_dir():
+            return []
+        found = []
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and not path.name.startswith(".tmp-"):
+                found.append(StoredObject(path.relative_to(self.root).as_posix(), path.stat().st_size))
+        return found
+
+    def delete_prefix(self, prefix):
+        for obj in self.list(prefix):
+            self._path(obj.key).unlink(missing_ok=True)
+
+    def presigned_url(self, key, expires):
+        return None
+
+    def check(self):
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"storage directory {self.root} is not writable")
+
+
+class S3Storage:
+    """An S3 bucket and prefix. Endpoint and credentials come from boto3's standard settings
+    (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)."""
+
+    def __init__(self, bucket: str, prefix: str = ""):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        config = Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"})
+        self.client = boto3.client("s3", config=config)
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def put(self, key, data, content_type="application/octet-stream"):
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+
+    def get(self, key):
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            raise KeyError(key) from None
+
+    def exists(self, key):
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def list(self, prefix):
+        found = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+            for item in page.get("Contents", []):
+                found.append(StoredObject(item["Key"][len(self.prefix):], item["Size"]))
+        return sorted(found, key=lambda o: o.key)
+
+    def delete_prefix(self, prefix):
+        keys = [{"Key": self.prefix + o.key} for o in self.list(prefix)]
+        for start in range(0, len(keys), 1000):
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[start:start + 1000]})
+
+    def presigned_url(self, key, expires):
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires
+        )
+
+    def check(self):
+        self.client.head_bucket(Bucket=self.bucket)
+
+
+def open_storage(url: str) -> Storage:
+    """`file:///abs/dir` or `s3://bucket/prefix`."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return LocalStorage(parsed.path)
+    if parsed.scheme == "s3" and parsed.netloc:
+        return S3Storage(parsed.netloc, parsed.path)
+    raise StorageError(f"unsupported STORAGE_URL {url!r}: use file:///abs/dir or s3://bucket/prefix")

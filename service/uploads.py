@@ -1,0 +1,71 @@
+"""Exemplar uploads: validate every file first, store only when all of them are good."""
+
+from dataclasses import dataclass
+
+from fastapi import UploadFile
+
+from service.errors import ApiError
+from service.images import DecodedImage, decode_image, decode_mask, read_upload
+from service.records import new_id, now
+
+
+@dataclass
+class PendingExemplar:
+    """A validated upload that is not stored yet."""
+
+    record: dict
+    image: DecodedImage
+    mask: DecodedImage | None
+
+
+async def validate_exemplar(
+    settings, tenant: str, image: UploadFile, mask: UploadFile | None, product: str, defect: str | None,
+    field: str = "image",
+) -> PendingExemplar:
+    if mask is not None and not defect:
+        raise ApiError(422, "defect_required", "a mask was sent: name its `defect` type as well")
+    if defect and mask is None:
+        raise ApiError(422, "mask_required", f"defect {defect!r} needs its `mask` file")
+    data = await read_upload(image, field, settings.max_upload_bytes)
+    decoded = decode_image(data, field, settings.max_image_side)
+    decoded_mask = None
+    if mask is not None:
+        mask_data = await read_upload(mask, "mask", settings.max_upload_bytes)
+        decoded_mask = decode_mask(mask_data, "mask", decoded.size, settings.max_image_side)
+    exemplar_id = new_id()
+    record = {
+        "id": exemplar_id,
+        "tenant": tenant,
+        "product": product,
+        "defect": defect if mask is not None else None,
+        "kind": "anomaly" if mask is not None else "normal",
+        "width": decoded.size[0],
+        "height": decoded.size[1],
+        "mode": decoded.image.mode,
+        "created_at": now(),
+        "image_key": f"exemplars/{exemplar_id}/image.png",
+        "mask_key": f"exemplars/{exemplar_id}/mask.png" if mask is not None else None,
+    }
+    return PendingExemplar(record, decoded, decoded_mask)
+
+
+def store_exemplars(storage, records, pending: list[PendingExemplar]) -> None:
+    """Files first, records last: a failure leaves no record pointing at a missing file."""
+    stored: list[PendingExemplar] = []
+    try:
+        for item in pending:
+            storage.put(item.record["image_key"], item.image.png, "image/png")
+            if item.mask is not None:
+                storage.put(item.record["mask_key"], item.mask.png, "image/png")
+            stored.append(item)
+        for item in pending:
+            records.put_record("exemplar", item.record)
+    except Exception:
+        for item in stored:
+            storage.delete_prefix(f"exemplars/{item.record['id']}/")
+            records.delete_record("exemplar", item.record)
+        raise
+
+
+def public_exemplar(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("tenant", "image_key", "mask_key")}

@@ -1,0 +1,123 @@
+"""Session-wide service: a real Redis, one real Celery worker (queues gpu and metrics) and the
+API as a real uvicorn process, with two tenants' keys configured."""
+
+import io
+import os
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.processes import free_port, start_api, start_redis, start_worker
+
+TENANT_KEYS = {"acme": "key-acme-123", "globex": "key-globex-456"}
+MAX_UPLOAD_BYTES = 2 * 1024 * 1024
+MAX_IMAGE_SIDE = 2048
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    proc.stop()
+
+
+def make_env(redis_url: str, storage_url: str, **extra) -> dict:
+    env = dict(os.environ)
+    env.pop("SD_MODEL_DIR", None)
+    env.update(
+        REDIS_URL=redis_url,
+        STORAGE_URL=storage_url,
+        API_KEYS=",".join(f"{t}:{k}" for t, k in TENANT_KEYS.items()),
+        MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
+        MAX_IMAGE_SIDE=str(MAX_IMAGE_SIDE),
+        JOB_TIME_LIMIT="120",
+        VISIBILITY_TIMEOUT="150",
+        WORKER_METRICS_PORT=str(free_port()),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def service_env(redis_url, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("storage")
+    return make_env(redis_url, f"file://{storage}")
+
+
+@pytest.fixture(scope="session")
+def worker(service_env, tmp_path_factory):
+    proc = start_worker(service_env, tmp_path_factory.mktemp("worker") / "worker.log")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def api_url(service_env, worker, tmp_path_factory):
+    proc, base = start_api(service_env, tmp_path_factory.mktemp("api") / "api.log")
+    yield base
+    proc.stop()
+
+
+def client_for(base: str, tenant: str) -> httpx.Client:
+    return httpx.Client(
+        base_url=base, headers={"Authorization": f"Bearer {TENANT_KEYS[tenant]}"}, timeout=30
+    )
+
+
+@pytest.fixture(scope="session")
+def acme(api_url):
+    with client_for(api_url, "acme") as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def globex(api_url):
+    with client_for(api_url, "globex") as client:
+        yield client
+
+
+# -- images ---------------------------------------------------------------------------------
+def png_bytes(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def product_image(height: int, width: int, rgb: bool = False, seed: int = 0) -> np.ndarray:
+    """A bright textured product on a dark background (so it has a foreground)."""
+    rng = np.random.default_rng(seed)
+    base = np.full((height, width), 20, np.uint8)
+    y0, x0 = height // 8, width // 8
+    base[y0:height - y0, x0:width - x0] = 150
+    noisy = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    return np.stack([noisy, np.roll(noisy, 3, 1), noisy // 2 + 60], -1) if rgb else noisy
+
+
+def defect_mask(height: int, width: int) -> np.ndarray:
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 2 - height // 10: height // 2 + height // 10, width // 2 - width // 8: width // 2 + width // 8] = 255
+    return mask
+
+
+def upload(client: httpx.Client, image: bytes, mask: bytes | None = None, product="widget", defect=None,
+           name="image.png"):
+    files = {"image": (name, image)}
+    if mask is not None:
+        files["mask"] = ("mask.png", mask)
+    data = {"product": product}
+    if defect:
+        data["defect"] = defect
+    return client.post("/v1/exemplars", files=files, data=data)
+
+
+def wait_for_job(client: httpx.Client, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout=90):
+    from tests.processes import wait_until
+
+    def done():
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        return job if job["status"] in statuses else None
+
+    return wait_until(done, timeout, f"job {job_id} to reach {statuses}", interval=0.2)

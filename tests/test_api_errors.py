@@ -1,0 +1,148 @@
+"""Bad input: a clear JSON 4xx, nothing created, and the server keeps serving."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import MAX_IMAGE_SIDE, MAX_UPLOAD_BYTES, defect_mask, png_bytes, product_image, upload
+
+IMAGE = png_bytes(product_image(64, 80))
+MASK = png_bytes(defect_mask(64, 80))
+
+
+def _gif() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(product_image(64, 80)).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+def _sixteen_bit() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((product_image(64, 80).astype(np.uint16) * 256)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _huge_file() -> bytes:  # incompressible noise, just over the upload limit
+    side = int((MAX_UPLOAD_BYTES / 3) ** 0.5) + 20
+    return png_bytes(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8))
+
+
+UPLOAD_CASES = {
+    "text file as image": (dict(image=b"hello, not an image", name="notes.txt"), 415, "unsupported_image_type"),
+    "gif image": (dict(image=_gif(), name="a.gif"), 415, "unsupported_image_type"),
+    "truncated png": (dict(image=IMAGE[: len(IMAGE) // 2]), 400, "invalid_image"),
+    "empty file": (dict(image=b""), 400, "empty_file"),
+    "16-bit image": (dict(image=_sixteen_bit()), 415, "unsupported_image_mode"),
+    "giant image": (dict(image=png_bytes(np.zeros((8, MAX_IMAGE_SIDE + 1), np.uint8))), 413, "image_too_large"),
+    "file over the byte limit": (dict(image=_huge_file()), 413, "file_too_large"),
+    "mask size mismatch": (dict(image=IMAGE, mask=png_bytes(defect_mask(32, 32)), defect="dent"), 400,
+                           "mask_size_mismatch"),
+    "empty mask": (dict(image=IMAGE, mask=png_bytes(np.full((64, 80), 127, np.uint8)), defect="dent"), 400,
+                   "empty_mask"),
+    "mask without defect": (dict(image=IMAGE, mask=MASK), 422, "defect_required"),
+    "defect without mask": (dict(image=IMAGE, defect="dent"), 422, "mask_required"),
+    "product with a slash": (dict(image=IMAGE, product="../etc"), 422, "invalid_request"),
+}
+
+
+def _counts(client):
+    return len(client.get("/v1/exemplars").json()["items"]), len(client.get("/v1/jobs", params={"limit": 1000}).json()["items"])
+
+
+def _assert_error(response, status, code):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+@pytest.mark.parametrize("case", list(UPLOAD_CASES))
+def test_bad_uploads_are_rejected_and_store_nothing(acme, case):
+    kwargs, status, code = UPLOAD_CASES[case]
+    before = _counts(acme)
+    _assert_error(upload(acme, **kwargs), status, code)
+    assert _counts(acme) == before
+    assert acme.get("/healthz").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def inputs(acme):
+    anomaly = upload(acme, IMAGE, MASK, defect="dent").json()
+    normal = upload(acme, IMAGE).json()
+    return anomaly["id"], normal["id"]
+
+
+def _job_cases(anomaly, normal):
+    ok = {"kind": "generate", "method": "draem", "exemplars": [anomaly], "normals": [normal], "count": 2}
+    return {
+        "unknown method": (dict(ok, method="stylegan"), 422, "unknown_method"),
+        "unknown parameter": (dict(ok, params={"opacitty": [0.1, 0.2]}), 422, "invalid_params"),
+        "parameter out of range": (dict(ok, params={"opacity": [0.5, 2.0]}), 422, "invalid_params"),
+        "parameter bounds reversed": (dict(ok, params={"opacity": [0.9, 0.1]}), 422, "invalid_params"),
+        "unknown top-level field": (dict(ok, colour="red"), 422, "invalid_request"),
+        "count zero": (dict(ok, count=0), 422, "invalid_request"),
+        "count over the limit": (dict(ok, count=10**6), 422, "count_too_large"),
+        "negative seed": (dict(ok, seed=-1), 422, "invalid_request"),
+        "no normals": (dict(ok, normals=[]), 422, "normals_required"),
+        "unknown exemplar": (dict(ok, exemplars=["f" * 32]), 422, "unknown_exemplar"),
+        "normal given as exemplar": (dict(ok, exemplars=[normal]), 422, "wrong_exemplar_kind"),
+        "anomaly given as normal": (dict(ok, normals=[anomaly]), 422, "wrong_exemplar_kind"),
+        "given masks missing": (dict(ok, masks={"source": "given"}), 422, "invalid_request"),
+        "unknown mask source": (dict(ok, masks={"source": "everywhere"}), 422, "invalid_request"),
+        "exemplar masks without exemplars": (dict(ok, exemplars=[], masks={"source": "exemplar"}), 422,
+                                             "exemplars_required"),
+        "bad box": (dict(ok, masks={"source": "box", "boxes": [[10, 10, 5, 5]]}), 422, "invalid_request"),
+        "fine-tune with a model-free method": (dict(ok, kind="finetune"), 422, "unsupported_kind"),
+        "unknown kind": (dict(ok, kind="train"), 422, "invalid_request"),
+        "adapter for a model-free method": (dict(ok, adapter="a" * 32), 422, "invalid_request"),
+        "no method": ({k: v for k, v in ok.items() if k != "method"}, 422, "invalid_request"),
+    }
+
+
+CASE_NAMES = list(_job_cases("a", "n"))
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_bad_job_requests_are_rejected_and_create_nothing(acme, inputs, case):
+    body, status, code = _job_cases(*inputs)[case]
+    before = _counts(acme)
+    _assert_error(acme.post("/v1/jobs", json=body), status, code)
+    assert _counts(acme) == before
+
+
+def test_malformed_json_body(acme):
+    response = acme.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    _assert_error(response, 422, "invalid_request")
+
+
+def test_multipart_shortcut_validates_every_file_before_storing_any(acme):
+    before = _counts(acme)
+    files = [("image", ("a.png", IMAGE)), ("mask", ("m.png", MASK)),
+             ("normal", ("n1.png", IMAGE)), ("normal", ("n2.txt", b"not an image"))]
+    _assert_error(acme.post("/v1/jobs/generate", files=files, data={"method": "draem"}), 415, "unsupported_image_type")
+    files[-1] = ("normal", ("n2.png", IMAGE))
+    _assert_error(acme.post("/v1/jobs/generate", files=files, data={"method": "draem", "params": "{oops"}),
+                  422, "invalid_params")
+    _assert_error(acme.post("/v1/jobs/generate", files=files, data={"method": "draem", "params": json.dumps({"x": 1})}),
+                  422, "invalid_params")
+    _assert_error(acme.post("/v1/jobs/generate", files=files, data={"method": "nope"}), 422, "unknown_method")
+    assert _counts(acme) == before
+
+
+def test_unknown_job_and_unknown_route(acme):
+    _assert_error(acme.get("/v1/jobs/" + "0" * 32), 404, "job_not_found")
+    _assert_error(acme.delete("/v1/jobs/" + "0" * 32), 404, "job_not_found")
+    _assert_error(acme.get("/v1/nothing-here"), 404, "not_found")
+
+
+@pytest.mark.parametrize("headers,code", [({}, "missing_api_key"), ({"Authorization": "Bearer wrong"}, "invalid_api_key"),
+                                          ({"Authorization": "Basic a2V5"}, "missing_api_key")])
+def test_missing_or_wrong_key(api_url, headers, code):
+    import httpx
+
+    _assert_error(httpx.get(api_url + "/v1/jobs", headers=headers), 401, code)
+    _assert_error(httpx.post(api_url + "/v1/exemplars", headers=headers, files={"image": ("a.png", IMAGE)},
+                             data={"product": "x"}), 401, code)

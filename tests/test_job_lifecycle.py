@@ -1,0 +1,135 @@
+"""Cancel, a worker killed mid-job, and an API restart with jobs in flight, on real processes."""
+
+import json
+import shutil
+
+import pytest
+import redis
+
+from tests.conftest import client_for, defect_mask, make_env, png_bytes, product_image, upload, wait_for_job
+from tests.processes import start_api, start_redis, start_worker, wait_until
+
+BIG = 384  # big enough that a few hundred pairs take seconds
+
+
+def _inputs(client):
+    anomaly = upload(client, png_bytes(product_image(BIG, BIG)), png_bytes(defect_mask(BIG, BIG)), defect="pit").json()
+    normal = upload(client, png_bytes(product_image(BIG, BIG, seed=5))).json()
+    return anomaly["id"], normal["id"]
+
+
+def _long_job(client, inputs, count=5000):
+    anomaly, normal = inputs
+    response = client.post("/v1/jobs", json={"kind": "generate", "method": "draem", "exemplars": [anomaly],
+                                             "normals": [normal], "count": count, "masks": {"source": "exemplar"}})
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def _running_with_progress(client, job_id):
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    return job if job["status"] == "running" and job["progress"]["done"] > 0 else None
+
+
+def test_cancel_running_and_queued_jobs(acme):
+    inputs = _inputs(acme)
+    running = _long_job(acme, inputs)
+    queued = _long_job(acme, inputs)
+    wait_until(lambda: _running_with_progress(acme, running), 30, "the first job to run")
+    assert acme.get(f"/v1/jobs/{queued}").json()["status"] == "queued"
+
+    response = acme.delete(f"/v1/jobs/{queued}")
+    assert response.status_code == 202 and response.json()["status"] == "cancelled"
+    response = acme.delete(f"/v1/jobs/{running}")
+    assert response.status_code == 202
+    job = wait_for_job(acme, running, timeout=5)  # "within a few seconds"
+    assert job["status"] == "cancelled" and job["progress"]["done"] < 5000
+
+    # the queued one never starts, even once the worker gets to its message
+    job = wait_for_job(acme, queued, timeout=5)
+    assert job["status"] == "cancelled" and job["started_at"] is None
+    response = acme.delete(f"/v1/jobs/{running}")
+    assert response.status_code == 409 and response.json()["error"]["code"] == "job_finished"
+
+
+@pytest.fixture()
+def isolated(tmp_path):
+    """A Redis, storage and API of this test's own, with a short visibility timeout so that a job
+    whose worker was killed comes back within seconds (in production it is hours)."""
+    redis_proc, redis_url = start_redis(tmp_path / "redis")
+    env = make_env(redis_url, f"file://{tmp_path / 'storage'}", JOB_TIME_LIMIT="30", VISIBILITY_TIMEOUT="35")
+    api, base = start_api(env, tmp_path / "api.log")
+    yield env, base, api
+    api.stop()
+    redis_proc.stop()
+
+
+def test_worker_killed_mid_job_is_redelivered_without_duplicates(isolated, tmp_path):
+    env, base, _ = isolated
+    client = client_for(base, "acme")
+    inputs = _inputs(client)
+    count = 120
+    first = start_worker(env, tmp_path / "worker1.log", queues="gpu", name="doomed")
+    job_id = _long_job(client, inputs, count=count)
+    wait_until(lambda: _running_with_progress(client, job_id), 30, "the job to run")
+    first.kill()  # SIGKILL to the worker and its pool child: no chance to ack, requeue or clean up
+    assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+
+    second = start_worker(env, tmp_path / "worker2.log", queues="gpu", name="rescuer")
+    try:
+        job = wait_for_job(client, job_id, timeout=120)
+    finally:
+        second.stop()
+    assert job["status"] == "succeeded", job
+    items = client.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]
+    images = [a for a in items if "/images/" in a["key"]]
+    masks = [a for a in items if "/masks/" in a["key"]]
+    assert len(images) == count and len(masks) == count
+    manifest = json.loads(client.get(next(a["url"] for a in items if a["key"].endswith("manifest.json"))).content)
+    assert sorted(p["index"] for p in manifest["pairs"]) == list(range(count))
+    attempts = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True).hget(f"job:{job_id}", "attempts")
+    assert json.loads(attempts) == 2
+
+
+def test_api_restart_keeps_jobs_in_flight(isolated, tmp_path):
+    env, base, api = isolated
+    client = client_for(base, "acme")
+    inputs = _inputs(client)
+    job_id = _long_job(client, inputs, count=40)
+    api.kill()  # the API dies while the job is queued: no worker is running yet
+    worker = start_worker(env, tmp_path / "worker.log", queues="gpu")
+    new_api, new_base = start_api(env, tmp_path / "api2.log")
+    try:
+        restarted = client_for(new_base, "acme")
+        job = wait_for_job(restarted, job_id, timeout=60)
+        assert job["status"] == "succeeded" and job["result"]["pairs"] == 40
+        assert job_id in [j["id"] for j in restarted.get("/v1/jobs").json()["items"]]
+    finally:
+        new_api.stop()
+        worker.stop()
+
+
+def test_open_service_refuses_public_bind(tmp_path):
+    import subprocess
+    import sys
+
+    env = make_env("redis://127.0.0.1:1/0", f"file://{tmp_path}", HOST="0.0.0.0")
+    env.pop("API_KEYS")
+    result = subprocess.run([sys.executable, "-m", "service.serve"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "API_KEYS" in result.stderr
+
+
+def test_failing_job_is_marked_failed_with_an_actionable_message(isolated, tmp_path):
+    env, base, _ = isolated
+    client = client_for(base, "acme")
+    anomaly, normal = _inputs(client)
+    job_id = _long_job(client, (anomaly, normal), count=3)
+    shutil.rmtree(tmp_path / "storage" / "exemplars" / normal)  # lost before any worker ran the job
+    worker = start_worker(env, tmp_path / "worker.log", queues="gpu")
+    try:
+        job = wait_for_job(client, job_id, timeout=60)
+    finally:
+        worker.stop()
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "job_failed"
+    assert normal in job["error"]["message"] and "upload" in job["error"]["message"]

@@ -1,0 +1,75 @@
+"""What a running job sees: its record, storage, progress reporting and cancellation."""
+
+import io
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from service.records import Records
+
+
+class JobCancelled(Exception):
+    """Raised at a step boundary once DELETE /v1/jobs/{id} asked for it."""
+
+
+class JobFailed(Exception):
+    """A failure whose message tells the user what to change."""
+
+
+@dataclass
+class JobContext:
+    job: dict
+    records: Records
+    storage: object
+    report_interval: float = 0.25
+    _last_report: float = field(default=0.0, init=False)
+
+    @property
+    def job_id(self) -> str:
+        return self.job["id"]
+
+    @property
+    def prefix(self) -> str:
+        return f"jobs/{self.job_id}/"
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        """Record progress (at most every `report_interval` s) and stop here if cancelled.
+        Every long loop calls this between steps; it is the only place a job can be cancelled."""
+        now = time.monotonic()
+        if now - self._last_report < self.report_interval and done < total:
+            return
+        self._last_report = now
+        if self.records.get_job_field(self.job_id, "cancel_requested"):
+            raise JobCancelled()
+        fraction = round(done / total, 4) if total else 0.0
+        self.records.update_job(
+            self.job_id, progress={"fraction": fraction, "stage": stage, "done": done, "total": total}
+        )
+
+    # -- storage helpers -------------------------------------------------------------------
+    def exemplar(self, exemplar_id: str) -> dict:
+        record = self.records.get_record("exemplar", self.job["tenant"], exemplar_id)
+        if record is None:
+            raise JobFailed(f"exemplar {exemplar_id} no longer exists; upload it again and resubmit")
+        return record
+
+    def load_image(self, key: str) -> Image.Image:
+        try:
+            data = self.storage.get(key)
+        except KeyError:
+            raise JobFailed(f"input {key} is missing from storage; upload that image again and resubmit") from None
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+
+    def load_mask(self, key: str) -> np.ndarray:
+        return np.asarray(self.load_image(key).convert("L")) >= 128
+
+    def put_png(self, key: str, image: Image.Image) -> int:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data = buf.getvalue()
+        self.storage.put(key, data, "image/png")
+        return len(data)
