@@ -19,7 +19,7 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
-def current_tenant(request: Request) -> str:
+async def current_tenant(request: Request) -> str:
     """FastAPI dependency: the tenant of the caller, or a 401/403 ApiError."""
     keys: dict[str, str] = request.app.state.settings.api_keys
     if not keys:
