@@ -133,3 +133,16 @@ def test_failing_job_is_marked_failed_with_an_actionable_message(isolated, tmp_p
     assert job["status"] == "failed"
     assert job["error"]["code"] == "job_failed"
     assert normal in job["error"]["message"] and "upload" in job["error"]["message"]
+
+
+def test_job_over_the_time_limit_fails_with_a_message(isolated, tmp_path):
+    env, base, _ = isolated
+    client = client_for(base, "acme")
+    job_id = _long_job(client, _inputs(client), count=5000)
+    worker = start_worker(dict(env, JOB_TIME_LIMIT="2", VISIBILITY_TIMEOUT="35"), tmp_path / "worker.log", queues="gpu")
+    try:
+        job = wait_for_job(client, job_id, timeout=60)
+    finally:
+        worker.stop()
+    assert job["status"] == "failed" and job["error"]["code"] == "time_limit"
+    assert "JOB_TIME_LIMIT" in job["error"]["message"]
