@@ -121,6 +121,7 @@ class DiffusionParams(StrictModel):
 class AnoGenParams(DiffusionParams):
     """AnoGen (arXiv 2505.09263): a learnt defect embedding and box-blended latent inpainting."""
 
+    guidance_scale: float = Field(default=10.0, ge=1.0, le=30.0, description="generate: the paper's scale, 10")
     train_steps: int = Field(default=6000, ge=1, le=100_000, description="fine-tune: optimiser steps")
     learning_rate: float = Field(default=0.005, gt=0, le=1.0, description="fine-tune: Adam learning rate")
     batch_size: int = Field(default=4, ge=1, le=64, description="fine-tune: images per step")
