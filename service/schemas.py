@@ -127,9 +127,22 @@ class MethodDescription(BaseModel):
     available: bool
     reason: str | None
     default_mask_source: str
+    mask_sources: list[str]
     summary: str
     params_schema: dict
 
 
 class MethodList(BaseModel):
     items: list[MethodDescription]
+
+
+class Dataset(BaseModel):
+    id: str
+    product: str
+    counts: dict[str, int] = Field(examples=[{"train/good": 700, "test/good": 100, "test/crack": 57}])
+    size: int
+    created_at: float
+
+
+class DatasetList(BaseModel):
+    items: list[Dataset]

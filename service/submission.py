@@ -59,6 +59,11 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
         raise ApiError(422, "exemplars_required", "a fine-tune job needs at least one exemplar in `exemplars`")
 
     masks = body.masks.model_copy(update={"source": body.masks.source or method.default_mask_source})
+    if masks.source not in method.mask_sources:
+        raise ApiError(
+            422, "unsupported_mask_source",
+            f"{method.name} takes mask sources {', '.join(method.mask_sources)}, not {masks.source!r}",
+        )
     if masks.source == "exemplar" and not exemplars:
         raise ApiError(422, "exemplars_required", "mask source 'exemplar' needs anomaly exemplars in `exemplars`")
     _exemplars(masks.masks, lookup, "anomaly", "masks.masks")
@@ -73,6 +78,7 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
         raise ApiError(422, "invalid_request", f"{method.name} {body.kind} jobs take no `adapter`")
 
     named = exemplars or normals
+    total = params.train_steps if body.kind == "finetune" else body.count
     job_id = secrets.token_hex(16)
     return {
         "id": job_id,
@@ -89,7 +95,7 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
         "masks": masks.model_dump(mode="json"),
         "params": params.model_dump(mode="json"),
         "status": "queued",
-        "progress": {"fraction": 0.0, "stage": "queued", "done": 0, "total": body.count},
+        "progress": {"fraction": 0.0, "stage": "queued", "done": 0, "total": total},
         "created_at": now(),
         "started_at": None,
         "finished_at": None,

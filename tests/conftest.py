@@ -42,9 +42,19 @@ def make_env(redis_url: str, storage_url: str, **extra) -> dict:
 
 
 @pytest.fixture(scope="session")
-def service_env(redis_url, tmp_path_factory):
+def service_sd_dir(tmp_path_factory):
+    """A tiny random-weight SD 1.5-architecture model in diffusers format, for the worker to load."""
+    from models.diffusion.tiny import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("service_sd"), resolution=64)
+
+
+@pytest.fixture(scope="session")
+def service_env(redis_url, service_sd_dir, tmp_path_factory):
     storage = tmp_path_factory.mktemp("storage")
-    return make_env(redis_url, f"file://{storage}")
+    # One torch thread: tiny models gain nothing from more, and CI has two shared cores.
+    return make_env(redis_url, f"file://{storage}", SD_MODEL_DIR=str(service_sd_dir), DEVICE="cpu",
+                    OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,12 @@ def test_embedded_service_runs_jobs_and_keeps_them_across_restarts(tmp_path):
         job_id = client.post("/v1/jobs", json={"kind": "generate", "method": "draem", "count": 5,
                                                "exemplars": [anomaly["id"]], "normals": [normal["id"]]}).json()["id"]
         assert wait_for_job(client, job_id)["status"] == "succeeded"
+        # no SD_MODEL_DIR here: diffusion methods are listed as unavailable, with the reason, and refused
+        anogen = next(m for m in client.get("/v1/methods").json()["items"] if m["name"] == "anogen")
+        assert anogen["available"] is False and "SD_MODEL_DIR" in anogen["reason"]
+        response = client.post("/v1/jobs", json={"kind": "finetune", "method": "anogen", "exemplars": [anomaly["id"]]})
+        assert response.status_code == 409 and response.json()["error"]["code"] == "method_unavailable"
+        assert "SD_MODEL_DIR" in response.json()["error"]["message"]
     finally:
         _stop(proc)
     assert (data_dir / "storage" / "jobs" / job_id / "manifest.json").is_file()

@@ -3,6 +3,7 @@
 import io
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -24,6 +25,7 @@ class JobContext:
     records: Records
     storage: object
     report_interval: float = 0.25
+    total: int | None = field(default=None, init=False)  # of the latest progress report
     _last_report: float = field(default=0.0, init=False)
 
     @property
@@ -37,6 +39,7 @@ class JobContext:
     def progress(self, stage: str, done: int, total: int) -> None:
         """Record progress (at most every `report_interval` s) and stop here if cancelled.
         Every long loop calls this between steps; it is the only place a job can be cancelled."""
+        self.total = total
         now = time.monotonic()
         if now - self._last_report < self.report_interval and done < total:
             return
@@ -73,3 +76,17 @@ class JobContext:
         data = buf.getvalue()
         self.storage.put(key, data, "image/png")
         return len(data)
+
+    def download_prefix(self, prefix: str, folder: Path) -> None:
+        """Every object under `prefix` into `folder`, keeping the relative paths."""
+        for obj in self.storage.list(prefix):
+            target = folder / obj.key[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.storage.get_file(obj.key, target)
+
+    def upload_folder(self, folder: Path, prefix: str) -> list[str]:
+        keys = []
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            keys.append(prefix + path.relative_to(folder).as_posix())
+            self.storage.put_file(keys[-1], path)
+        return keys

@@ -25,12 +25,17 @@ class GenerateOutputs:
         self.entries: list[dict] = []
         self.preview: list[tuple[Image.Image, np.ndarray]] = []
 
-    def add(self, index: int, image: Image.Image, mask: np.ndarray, **entry) -> None:
-        """Store pair `index`; `entry` (seed, source normal, ...) goes into the manifest."""
+    def add(self, index: int, image: Image.Image, mask: np.ndarray, refined_mask: np.ndarray | None = None,
+            **entry) -> None:
+        """Store pair `index`; `entry` (seed, source normal, ...) goes into the manifest. A refined
+        mask (where a weakly labelled image really changed) goes beside, outside the MVTec folders."""
         image_path = f"images/{self.defect}/{index}.png"
         mask_path = f"masks/{self.defect}/{index}_mask.png"
         self.context.put_png(self.context.prefix + image_path, image)
         self.context.put_png(self.context.prefix + mask_path, Image.fromarray(mask, mode="L"))
+        if refined_mask is not None:
+            entry["refined_mask"] = f"refined_masks/{self.defect}/{index}_mask.png"
+            self.context.put_png(self.context.prefix + entry["refined_mask"], Image.fromarray(refined_mask, mode="L"))
         self.entries.append({"index": index, "image": image_path, "mask": mask_path, **entry})
         if len(self.preview) < PREVIEW_PAIRS:
             self.preview.append((image, mask))

@@ -16,6 +16,7 @@ from service.records import TERMINAL, Records, connect, now
 from service.settings import Settings
 from service.storage import open_storage
 from workers.context import JobCancelled, JobContext, JobFailed
+from workers.finetune import run_finetune
 from workers.generate import run_generate
 from workers.metrics import JOB_DURATION, JOBS_FINISHED, JOBS_IN_PROGRESS
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # a job that kills its worker every time (out of memory, say) must not loop forever
 
-RUNNERS = {"generate": run_generate}
+RUNNERS = {"finetune": run_finetune, "generate": run_generate}
 
 
 @lru_cache(maxsize=1)
@@ -63,7 +64,8 @@ def run_job(job_id: str, time_limit: int) -> None:
     try:
         context = JobContext(job, records, storage)
         result = RUNNERS[job["kind"]](context)
-        done = {"fraction": 1.0, "stage": "done", "done": job["count"], "total": job["count"]}
+        total = context.total or job["count"]
+        done = {"fraction": 1.0, "stage": "done", "done": total, "total": total}
         if records.transition(job_id, ("running",), status="succeeded", result=result, progress=done,
                               finished_at=now()):
             status = "succeeded"

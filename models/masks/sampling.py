@@ -250,3 +250,13 @@ def _fixed_box(box, size):
     if not mask.any():
         raise ValueError(f"box {list(box)} lies outside the {size[1]}x{size[0]} image")
     return mask
+
+
+def bounding_box(mask: np.ndarray) -> np.ndarray:
+    """bool mask of the smallest axis-aligned rectangle holding every True pixel of `mask`."""
+    mask = as_bool_mask(mask)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    box = np.zeros_like(mask)
+    if rows.size:
+        box[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1] = True
+    return box

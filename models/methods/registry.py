@@ -11,6 +11,7 @@ class MethodInfo:
     family: str  # "model-free" | "fine-tune" | "training-free"
     kinds: tuple[str, ...]  # job kinds it serves
     default_mask_source: str
+    mask_sources: tuple[str, ...]
     needs_sd: bool
     summary: str
 
@@ -27,16 +28,23 @@ class MethodInfo:
         return sd_dir_problem(sd_model_dir)
 
 
+ALL_SOURCES = ("native", "exemplar", "box", "given")
+
 METHODS: dict[str, MethodInfo] = {
     m.name: m
     for m in (
         MethodInfo(
-            "draem", "model-free", ("generate",), "native", False,
+            "draem", "model-free", ("generate",), "native", ALL_SOURCES, False,
             "DRAEM: Perlin-noise masks filled with a texture blended at a random opacity",
         ),
         MethodInfo(
-            "cutpaste", "model-free", ("generate",), "native", False,
+            "cutpaste", "model-free", ("generate",), "native", ALL_SOURCES, False,
             "CutPaste: a patch (or thin scar) of the image itself, jittered and pasted elsewhere",
+        ),
+        MethodInfo(
+            "anogen", "fine-tune", ("finetune", "generate"), "exemplar", ("exemplar", "box", "given"), True,
+            "AnoGen: a defect embedding learnt from 1-3 exemplars; DDIM inpainting of a box on normal "
+            "images (the mask written is the box: a weak label)",
         ),
     )
 }

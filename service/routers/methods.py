@@ -21,6 +21,7 @@ def list_methods(request: Request, _: str = Depends(current_tenant)):
             "available": reason is None,
             "reason": reason,
             "default_mask_source": method.default_mask_source,
+            "mask_sources": list(method.mask_sources),
             "summary": method.summary,
             "params_schema": method.params_model.model_json_schema(),
         })
