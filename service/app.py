@@ -6,7 +6,7 @@ from service import records as records_module
 from service.errors import install_error_handlers
 from service.metrics import RequestMetricsMiddleware
 from service.queue import make_producer
-from service.routers import exemplars, health, jobs, methods
+from service.routers import datasets, exemplars, health, jobs, methods
 from service.settings import Settings, SettingsError
 from service.storage import open_storage
 
@@ -31,6 +31,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.producer = make_producer(settings)
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware)
-    for router in (exemplars.router, jobs.router, methods.router, health.router):
+    for router in (exemplars.router, datasets.router, jobs.router, methods.router, health.router):
         app.include_router(router)
     return app

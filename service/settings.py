@@ -51,6 +51,7 @@ class Settings:
     max_image_side: int = 4096
     max_upload_bytes: int = 20 * 1024 * 1024
     max_count: int = 10_000
+    max_dataset_bytes: int = 2 << 30
     job_time_limit: int = 6 * 3600
     visibility_timeout: int = 6 * 3600 + 600
     worker_metrics_port: int = 9101
@@ -85,6 +86,7 @@ class Settings:
             max_image_side=_int(env, "MAX_IMAGE_SIDE", 4096, minimum=16),
             max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 20 * 1024 * 1024, minimum=1024),
             max_count=_int(env, "MAX_COUNT", 10_000),
+            max_dataset_bytes=_int(env, "MAX_DATASET_BYTES", 2 << 30, minimum=1024),
             job_time_limit=job_time_limit,
             visibility_timeout=visibility_timeout,
             worker_metrics_port=_int(env, "WORKER_METRICS_PORT", 9101, minimum=0),

@@ -5,6 +5,7 @@ and idempotent: writing a key again replaces it, so a redelivered job overwrites
 """
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,9 @@ def check_key(key: str) -> str:
 
 class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+    def put_file(self, key: str, path: Path) -> None: ...
     def get(self, key: str) -> bytes: ...
+    def get_file(self, key: str, path: Path) -> None: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[StoredObject]: ...
     def delete_prefix(self, prefix: str) -> None: ...
@@ -58,9 +61,23 @@ class LocalStorage:
             f.write(data)
         os.replace(tmp, path)
 
+    def put_file(self, key, path):
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        os.close(fd)
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+
     def get(self, key):
         try:
             return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def get_file(self, key, path):
+        try:
+            shutil.copyfile(self._path(key), path)
         except FileNotFoundError:
             raise KeyError(key) from None
 
@@ -111,11 +128,19 @@ class S3Storage:
     def put(self, key, data, content_type="application/octet-stream"):
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
 
+    def put_file(self, key, path):
+        self.client.upload_file(str(path), self.bucket, self._key(key))  # multipart for big files
+
     def get(self, key):
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
         except self.client.exceptions.NoSuchKey:
             raise KeyError(key) from None
+
+    def get_file(self, key, path):
+        if not self.exists(key):
+            raise KeyError(key)
+        self.client.download_file(self.bucket, self._key(key), str(path))
 
     def exists(self, key):
         from botocore.exceptions import ClientError

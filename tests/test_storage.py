@@ -108,3 +108,14 @@ def test_generate_job_on_redis_and_s3(s3_server, redis_url, tmp_path):
         api.stop()
         worker.stop()
 
+
+
+def test_put_file_and_get_file(storage, tmp_path):
+    source = tmp_path / "big.bin"
+    source.write_bytes(b"\x00\x01" * 300_000)
+    storage.put_file("datasets/d/archive", source)
+    target = tmp_path / "copy.bin"
+    storage.get_file("datasets/d/archive", target)
+    assert target.read_bytes() == source.read_bytes()
+    with pytest.raises(KeyError):
+        storage.get_file("datasets/d/missing", tmp_path / "none")

@@ -1,11 +1,16 @@
 import json
 import mimetypes
+import shutil
+import tempfile
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from models.downstream.mvtec import write_mvtec_zip
 from service.auth import current_tenant
 from service.errors import ApiError, describe_validation_errors
 from service.metrics import JOBS_SUBMITTED
@@ -146,6 +151,31 @@ def list_artifacts(job_id: str, request: Request, tenant: str = Depends(current_
             url = state.storage.presigned_url(obj.key, state.settings.artifact_url_expiry)
             items.append({"key": obj.key, "url": url or f"{base}/v1/jobs/{job_id}/artifacts/{obj.key}", "size": obj.size})
     return {"items": items}
+
+
+def _write_export(storage, job: dict, records, out: Path) -> None:
+    files = [(obj.key, storage.get(obj.key)) for obj in storage.list(f"jobs/{job['id']}/")]
+    normals = []
+    for normal_id in job["normals"]:
+        record = records.get_record("exemplar", job["tenant"], normal_id)
+        if record is not None:
+            normals.append((f"{normal_id}.png", storage.get(record["image_key"])))
+    write_mvtec_zip(files, out, normals)
+
+
+@router.get("/{job_id}/export", responses=ERRORS, response_class=FileResponse)
+async def export_mvtec(job_id: str, request: Request, tenant: str = Depends(current_tenant)):
+    """The job's pairs as an MVTec AD zip: test/<defect>/<n>.png, ground_truth/<defect>/<n>_mask.png,
+    and the normal images it used as train/good/."""
+    job = _owned_job(request, tenant, job_id)
+    if job["kind"] != "generate" or job["status"] != "succeeded":
+        raise ApiError(409, "not_exportable", f"only succeeded generate jobs export; this is a {job['status']} {job['kind']} job")
+    state = request.app.state
+    scratch = tempfile.mkdtemp()
+    out = Path(scratch) / f"{job_id}.zip"
+    await run_in_threadpool(_write_export, state.storage, job, state.records, out)
+    return FileResponse(out, media_type="application/zip", filename=f"{job['product'] or 'dataset'}-{job_id}.zip",
+                        background=BackgroundTask(shutil.rmtree, scratch, ignore_errors=True))
 
 
 @router.get("/{job_id}/artifacts/{key:path}", responses=ERRORS, response_class=Response)
