@@ -11,8 +11,8 @@ spread over the first interval. No worker runs, so only the API and Redis are me
 import argparse
 import asyncio
 import os
-import random
 import platform
+import random
 import time
 
 import httpx
@@ -25,8 +25,9 @@ async def client_loop(client, normal_id, rounds, polls, interval, submits, gets,
     await asyncio.sleep(random.uniform(0, interval))  # clients arrive spread over one interval
     for _ in range(rounds):
         start = time.perf_counter()
-        response = await client.post("/v1/jobs", json={"kind": "generate", "method": "draem",
-                                                       "normals": [normal_id], "count": 10})
+        response = await client.post(
+            "/v1/jobs", json={"kind": "generate", "method": "draem", "normals": [normal_id], "count": 10}
+        )
         submits.append(time.perf_counter() - start)
         if response.status_code != 202:
             errors.append(response.text)
@@ -45,22 +46,31 @@ async def run(base, args):
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
         image = np.full((64, 64), 128, np.uint8)
-        normal = (await client.post("/v1/exemplars", files={"image": ("n.png", png(image))},
-                                    data={"product": "bench"})).json()
+        normal = (
+            await client.post("/v1/exemplars", files={"image": ("n.png", png(image))}, data={"product": "bench"})
+        ).json()
         submits, gets, errors = [], [], []
         start = time.perf_counter()
-        await asyncio.gather(*(
-            client_loop(client, normal["id"], args.rounds, args.polls, args.poll_interval, submits, gets, errors)
-            for _ in range(args.clients)
-        ))
+        await asyncio.gather(
+            *(
+                client_loop(client, normal["id"], args.rounds, args.polls, args.poll_interval, submits, gets, errors)
+                for _ in range(args.clients)
+            )
+        )
         elapsed = time.perf_counter() - start
-    print(f"machine: {platform.node()} {os.cpu_count()} cores; {args.clients} clients, {args.rounds} rounds, "
-          f"{args.polls} polls every {args.poll_interval} s")
-    print(f"requests: {len(submits) + len(gets)} in {elapsed:.1f} s ({(len(submits) + len(gets)) / elapsed:.0f}/s), "
-          f"errors: {len(errors)}")
+    print(
+        f"machine: {platform.node()} {os.cpu_count()} cores; {args.clients} clients, {args.rounds} rounds, "
+        f"{args.polls} polls every {args.poll_interval} s"
+    )
+    print(
+        f"requests: {len(submits) + len(gets)} in {elapsed:.1f} s ({(len(submits) + len(gets)) / elapsed:.0f}/s), "
+        f"errors: {len(errors)}"
+    )
     for name, values, target in (("submit", submits, 50), ("poll", gets, 20)):
-        print(f"{name:7s} n={len(values):5d}  p50={percentile(values, 50):6.1f} ms  p95={percentile(values, 95):6.1f} ms  "
-              f"p99={percentile(values, 99):6.1f} ms  (target p99 < {target} ms)")
+        print(
+            f"{name:7s} n={len(values):5d}  p50={percentile(values, 50):6.1f} ms  "
+            f"p95={percentile(values, 95):6.1f} ms  p99={percentile(values, 99):6.1f} ms  (target p99 < {target} ms)"
+        )
 
 
 def main():

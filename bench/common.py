@@ -34,15 +34,25 @@ def running_service(with_worker: bool):
     with tempfile.TemporaryDirectory() as tmp:
         redis_proc, redis_url = start_redis(Path(tmp))
         port = free_port()
-        env = dict(os.environ, REDIS_URL=redis_url, STORAGE_URL=f"file://{tmp}/storage", PORT=str(port),
-                   WORKER_METRICS_PORT=str(free_port()), DATA_DIR=tmp)
+        env = dict(
+            os.environ,
+            REDIS_URL=redis_url,
+            STORAGE_URL=f"file://{tmp}/storage",
+            PORT=str(port),
+            WORKER_METRICS_PORT=str(free_port()),
+            DATA_DIR=tmp,
+        )
         env.pop("API_KEYS", None)
         log = open(Path(tmp) / "service.log", "wb")
-        children = [subprocess.Popen([sys.executable, "-m", "service.serve"], env=env, cwd=ROOT,
-                                     stdout=log, stderr=subprocess.STDOUT)]
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-m", "service.serve"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            )
+        ]
         if with_worker:
-            children.append(subprocess.Popen(worker_command("gpu", 1), env=env, cwd=ROOT, stdout=log,
-                                             stderr=subprocess.STDOUT))
+            children.append(
+                subprocess.Popen(worker_command("gpu", 1), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            )
         base = f"http://127.0.0.1:{port}"
         try:
             for _ in range(300):

@@ -32,8 +32,21 @@ def start_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
     redis_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     proc = subprocess.Popen(
-        [redis_server, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(redis_dir),
-         "--appendonly", "yes", "--save", "", "--logfile", str(redis_dir / "redis.log")],
+        [
+            redis_server,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(redis_dir),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+            "--logfile",
+            str(redis_dir / "redis.log"),
+        ],
         start_new_session=True,
     )
     url = f"redis://127.0.0.1:{port}/0"
@@ -51,8 +64,20 @@ def start_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
 
 def worker_command(queue: str, concurrency: int) -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", queue,
-        "--concurrency", str(concurrency), "--hostname", f"{queue}@%h", "--loglevel", "INFO",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "worker",
+        "-Q",
+        queue,
+        "--concurrency",
+        str(concurrency),
+        "--hostname",
+        f"{queue}@%h",
+        "--loglevel",
+        "INFO",
     ]
 
 

@@ -39,9 +39,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
         errors = exc.errors()
-        return JSONResponse(
-            error_body("invalid_request", describe_validation_errors(errors)), status_code=422
-        )
+        return JSONResponse(error_body("invalid_request", describe_validation_errors(errors)), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):

@@ -19,7 +19,7 @@ _TO_RGB = {"RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
 @dataclass
 class DecodedImage:
     image: Image.Image  # mode 'L' or 'RGB'
-    png: bytes          # the image re-encoded losslessly, as stored
+    png: bytes  # the image re-encoded losslessly, as stored
 
     @property
     def size(self) -> tuple[int, int]:
@@ -43,7 +43,8 @@ def _open(data: bytes, field: str, max_side: int) -> Image.Image:
             fmt = img.format
             if fmt not in ACCEPTED_FORMATS:
                 raise ApiError(
-                    415, "unsupported_image_type",
+                    415,
+                    "unsupported_image_type",
                     f"{field}: {fmt or 'unknown'} images are not accepted; send PNG, JPEG, BMP or TIFF",
                 )
             width, height = img.size
@@ -78,7 +79,8 @@ def decode_image(data: bytes, field: str, max_side: int) -> DecodedImage:
         img = img.convert("RGB")
     else:
         raise ApiError(
-            415, "unsupported_image_mode",
+            415,
+            "unsupported_image_mode",
             f"{field} has pixel mode {img.mode}; send 8-bit grayscale or RGB (16-bit and float are not supported)",
         )
     return DecodedImage(img, _png(img))
@@ -89,7 +91,8 @@ def decode_mask(data: bytes, field: str, image_size: tuple[int, int], max_side: 
     img = _open(data, field, max_side)
     if img.size != image_size:
         raise ApiError(
-            400, "mask_size_mismatch",
+            400,
+            "mask_size_mismatch",
             f"{field} is {img.size[0]}x{img.size[1]} but its image is {image_size[0]}x{image_size[1]}",
         )
     try:

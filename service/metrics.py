@@ -4,12 +4,9 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-
 registry = CollectorRegistry()
 
-HTTP_REQUESTS = Counter(
-    "synth_http_requests_total", "HTTP requests", ["route", "method", "status"], registry=registry
-)
+HTTP_REQUESTS = Counter("synth_http_requests_total", "HTTP requests", ["route", "method", "status"], registry=registry)
 HTTP_LATENCY = Histogram(
     "synth_http_request_duration_seconds",
     "HTTP request latency",

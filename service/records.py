@@ -106,7 +106,7 @@ class Records:
         found: list[dict] = []
         for start in range(0, len(ids), 200):
             pipe = self.redis.pipeline()
-            for job_id in ids[start:start + 200]:
+            for job_id in ids[start : start + 200]:
                 pipe.hgetall(f"job:{job_id}")
             for raw in pipe.execute():
                 if not raw:

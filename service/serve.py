@@ -27,8 +27,12 @@ def main() -> int:
         )
         return 2
     uvicorn.run(
-        "service.app:create_app", factory=True, host=settings.host, port=settings.port,
-        log_level="warning", access_log=False,
+        "service.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
     )
     return 0
 

@@ -158,13 +158,13 @@ class S3Storage:
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
             for item in page.get("Contents", []):
-                found.append(StoredObject(item["Key"][len(self.prefix):], item["Size"]))
+                found.append(StoredObject(item["Key"][len(self.prefix) :], item["Size"]))
         return sorted(found, key=lambda o: o.key)
 
     def delete_prefix(self, prefix):
         keys = [{"Key": self.prefix + o.key} for o in self.list(prefix)]
         for start in range(0, len(keys), 1000):
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[start:start + 1000]})
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[start : start + 1000]})
 
     def presigned_url(self, key, expires):
         return self.client.generate_presigned_url(

@@ -61,7 +61,8 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
     masks = body.masks.model_copy(update={"source": body.masks.source or method.default_mask_source})
     if masks.source not in method.mask_sources:
         raise ApiError(
-            422, "unsupported_mask_source",
+            422,
+            "unsupported_mask_source",
             f"{method.name} takes mask sources {', '.join(method.mask_sources)}, not {masks.source!r}",
         )
     if masks.source == "exemplar" and not exemplars:
@@ -71,9 +72,13 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
     if method.family == "fine-tune" and body.kind == "generate":
         adapter = get_job(body.adapter) if body.adapter else None
         if adapter is None or adapter["kind"] != "finetune" or adapter["method"] != method.name:
-            raise ApiError(422, "adapter_required", f"{method.name} generate jobs need `adapter`: a {method.name} fine-tune job id")
+            raise ApiError(
+                422, "adapter_required", f"{method.name} generate jobs need `adapter`: a {method.name} fine-tune job id"
+            )
         if adapter["status"] != "succeeded":
-            raise ApiError(409, "adapter_not_ready", f"fine-tune job {body.adapter} is {adapter['status']}, not succeeded")
+            raise ApiError(
+                409, "adapter_not_ready", f"fine-tune job {body.adapter} is {adapter['status']}, not succeeded"
+            )
     elif body.adapter:
         raise ApiError(422, "invalid_request", f"{method.name} {body.kind} jobs take no `adapter`")
 

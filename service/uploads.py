@@ -19,7 +19,12 @@ class PendingExemplar:
 
 
 async def validate_exemplar(
-    settings, tenant: str, image: UploadFile, mask: UploadFile | None, product: str, defect: str | None,
+    settings,
+    tenant: str,
+    image: UploadFile,
+    mask: UploadFile | None,
+    product: str,
+    defect: str | None,
     field: str = "image",
 ) -> PendingExemplar:
     if mask is not None and not defect:

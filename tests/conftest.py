@@ -53,8 +53,7 @@ def service_sd_dir(tmp_path_factory):
 def service_env(redis_url, service_sd_dir, tmp_path_factory):
     storage = tmp_path_factory.mktemp("storage")
     # One torch thread: tiny models gain nothing from more, and CI has two shared cores.
-    return make_env(redis_url, f"file://{storage}", SD_MODEL_DIR=str(service_sd_dir), DEVICE="cpu",
-                    OMP_NUM_THREADS="1")
+    return make_env(redis_url, f"file://{storage}", SD_MODEL_DIR=str(service_sd_dir), DEVICE="cpu", OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="session")
@@ -72,9 +71,7 @@ def api_url(service_env, worker, tmp_path_factory):
 
 
 def client_for(base: str, tenant: str) -> httpx.Client:
-    return httpx.Client(
-        base_url=base, headers={"Authorization": f"Bearer {TENANT_KEYS[tenant]}"}, timeout=30
-    )
+    return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TENANT_KEYS[tenant]}"}, timeout=30)
 
 
 @pytest.fixture(scope="session")
@@ -101,19 +98,22 @@ def product_image(height: int, width: int, rgb: bool = False, seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     base = np.full((height, width), 20, np.uint8)
     y0, x0 = height // 8, width // 8
-    base[y0:height - y0, x0:width - x0] = 150
+    base[y0 : height - y0, x0 : width - x0] = 150
     noisy = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
     return np.stack([noisy, np.roll(noisy, 3, 1), noisy // 2 + 60], -1) if rgb else noisy
 
 
 def defect_mask(height: int, width: int) -> np.ndarray:
     mask = np.zeros((height, width), np.uint8)
-    mask[height // 2 - height // 10: height // 2 + height // 10, width // 2 - width // 8: width // 2 + width // 8] = 255
+    mask[height // 2 - height // 10 : height // 2 + height // 10, width // 2 - width // 8 : width // 2 + width // 8] = (
+        255
+    )
     return mask
 
 
-def upload(client: httpx.Client, image: bytes, mask: bytes | None = None, product="widget", defect=None,
-           name="image.png"):
+def upload(
+    client: httpx.Client, image: bytes, mask: bytes | None = None, product="widget", defect=None, name="image.png"
+):
     files = {"image": (name, image)}
     if mask is not None:
         files["mask"] = ("mask.png", mask)

@@ -82,9 +82,21 @@ def start_redis(workdir: Path) -> tuple[Process, str]:
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     proc = Process(
-        [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir),
-         "--save", "", "--appendonly", "no"],
-        dict(os.environ), workdir / "redis.log",
+        [
+            redis_server_binary(),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        dict(os.environ),
+        workdir / "redis.log",
     )
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
@@ -101,10 +113,26 @@ def start_redis(workdir: Path) -> tuple[Process, str]:
 
 def start_worker(env: dict, log_path: Path, queues: str = "gpu,metrics", name: str = "w") -> Process:
     proc = Process(
-        [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", queues,
-         "--concurrency", "1", "--hostname", f"{name}-{os.getpid()}-{time.monotonic_ns()}@%h",
-         "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
-        env, log_path,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.celery_app",
+            "worker",
+            "-Q",
+            queues,
+            "--concurrency",
+            "1",
+            "--hostname",
+            f"{name}-{os.getpid()}-{time.monotonic_ns()}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        env,
+        log_path,
     )
     wait_until(lambda: " ready." in proc.log() or not proc.alive(), 60, "the celery worker")
     assert proc.alive(), proc.log()

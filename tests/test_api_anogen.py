@@ -15,10 +15,19 @@ TINY = {"resolution": 64, "num_inference_steps": 4, "guidance_scale": 3.0}
 
 
 def _finetune(client, steps=6):
-    exemplar = upload(client, png_bytes(product_image(64, 80, rgb=True)), png_bytes(defect_mask(64, 80)),
-                      defect="burr").json()
-    response = client.post("/v1/jobs", json={"kind": "finetune", "method": "anogen", "exemplars": [exemplar["id"]],
-                                             "seed": 3, "params": {**TINY, "train_steps": steps, "batch_size": 1}})
+    exemplar = upload(
+        client, png_bytes(product_image(64, 80, rgb=True)), png_bytes(defect_mask(64, 80)), defect="burr"
+    ).json()
+    response = client.post(
+        "/v1/jobs",
+        json={
+            "kind": "finetune",
+            "method": "anogen",
+            "exemplars": [exemplar["id"]],
+            "seed": 3,
+            "params": {**TINY, "train_steps": steps, "batch_size": 1},
+        },
+    )
     assert response.status_code == 202, response.text
     return exemplar, response.json()["id"]
 
@@ -37,10 +46,19 @@ def test_finetune_then_generate(acme):
     assert not any("/checkpoint/" in k for k in keys)  # checkpoints are dropped once training is done
 
     normals = [upload(acme, png_bytes(product_image(64, 80, rgb=True, seed=s))).json()["id"] for s in (5, 6)]
-    response = acme.post("/v1/jobs", json={
-        "kind": "generate", "method": "anogen", "adapter": finetune_id, "exemplars": [exemplar["id"]],
-        "normals": normals, "count": 3, "seed": 9, "params": {**TINY, "refined_mask": True},
-    })
+    response = acme.post(
+        "/v1/jobs",
+        json={
+            "kind": "generate",
+            "method": "anogen",
+            "adapter": finetune_id,
+            "exemplars": [exemplar["id"]],
+            "normals": normals,
+            "count": 3,
+            "seed": 9,
+            "params": {**TINY, "refined_mask": True},
+        },
+    )
     assert response.status_code == 202, response.text
     job = wait_for_job(acme, response.json()["id"])
     assert job["status"] == "succeeded", job
@@ -56,7 +74,7 @@ def test_finetune_then_generate(acme):
         assert image.shape == source.shape
         assert np.array_equal(image[~box], source[~box]), "pixels outside the box must be the normal image's"
         rows, cols = np.flatnonzero(box.any(1)), np.flatnonzero(box.any(0))
-        assert box[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all(), "the weak label is a box"
+        assert box[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all(), "the weak label is a box"
         assert not (refined & ~box).any()
 
 
@@ -64,10 +82,18 @@ def test_generate_progress_moves_and_cancel_stops_it(acme):
     exemplar, finetune_id = _finetune(acme, steps=2)
     assert wait_for_job(acme, finetune_id)["status"] == "succeeded"
     normal = upload(acme, png_bytes(product_image(64, 64, rgb=True, seed=8))).json()["id"]
-    job_id = acme.post("/v1/jobs", json={
-        "kind": "generate", "method": "anogen", "adapter": finetune_id, "exemplars": [exemplar["id"]],
-        "normals": [normal], "count": 400, "params": {**TINY, "num_inference_steps": 20},
-    }).json()["id"]
+    job_id = acme.post(
+        "/v1/jobs",
+        json={
+            "kind": "generate",
+            "method": "anogen",
+            "adapter": finetune_id,
+            "exemplars": [exemplar["id"]],
+            "normals": [normal],
+            "count": 400,
+            "params": {**TINY, "num_inference_steps": 20},
+        },
+    ).json()["id"]
     seen = set()
 
     def two_progress_points():

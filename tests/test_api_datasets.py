@@ -68,15 +68,24 @@ def test_malformed_datasets_are_rejected_and_store_nothing(acme, case):
 def test_export_generate_job_as_mvtec_zip(acme):
     anomaly = upload(acme, png_bytes(product_image(48, 48)), png_bytes(defect_mask(48, 48)), defect="dent").json()
     normal = upload(acme, png_bytes(product_image(48, 48, seed=3))).json()
-    job_id = acme.post("/v1/jobs", json={"kind": "generate", "method": "cutpaste", "count": 3,
-                                         "exemplars": [anomaly["id"]], "normals": [normal["id"]]}).json()["id"]
+    job_id = acme.post(
+        "/v1/jobs",
+        json={
+            "kind": "generate",
+            "method": "cutpaste",
+            "count": 3,
+            "exemplars": [anomaly["id"]],
+            "normals": [normal["id"]],
+        },
+    ).json()["id"]
     assert wait_for_job(acme, job_id)["status"] == "succeeded"
     response = acme.get(f"/v1/jobs/{job_id}/export")
     assert response.status_code == 200 and response.headers["content-type"] == "application/zip"
     with zipfile.ZipFile(io.BytesIO(response.content)) as zf:
         names = set(zf.namelist())
-        assert names == {f"test/dent/{n}.png" for n in range(3)} | {f"ground_truth/dent/{n}_mask.png" for n in range(3)} \
-            | {f"train/good/{normal['id']}.png"}
+        assert names == {f"test/dent/{n}.png" for n in range(3)} | {
+            f"ground_truth/dent/{n}_mask.png" for n in range(3)
+        } | {f"train/good/{normal['id']}.png"}
         mask = np.asarray(Image.open(io.BytesIO(zf.read("ground_truth/dent/0_mask.png"))))
         assert set(np.unique(mask)) <= {0, 255} and mask.any()
     # what it exports is itself a valid dataset upload

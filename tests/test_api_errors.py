@@ -21,7 +21,7 @@ def _gif() -> bytes:
 
 def _sixteen_bit() -> bytes:
     buf = io.BytesIO()
-    Image.fromarray((product_image(64, 80).astype(np.uint16) * 256)).save(buf, format="PNG")
+    Image.fromarray(product_image(64, 80).astype(np.uint16) * 256).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -38,10 +38,16 @@ UPLOAD_CASES = {
     "16-bit image": (dict(image=_sixteen_bit()), 415, "unsupported_image_mode"),
     "giant image": (dict(image=png_bytes(np.zeros((8, MAX_IMAGE_SIDE + 1), np.uint8))), 413, "image_too_large"),
     "file over the byte limit": (dict(image=_huge_file()), 413, "file_too_large"),
-    "mask size mismatch": (dict(image=IMAGE, mask=png_bytes(defect_mask(32, 32)), defect="dent"), 400,
-                           "mask_size_mismatch"),
-    "empty mask": (dict(image=IMAGE, mask=png_bytes(np.full((64, 80), 127, np.uint8)), defect="dent"), 400,
-                   "empty_mask"),
+    "mask size mismatch": (
+        dict(image=IMAGE, mask=png_bytes(defect_mask(32, 32)), defect="dent"),
+        400,
+        "mask_size_mismatch",
+    ),
+    "empty mask": (
+        dict(image=IMAGE, mask=png_bytes(np.full((64, 80), 127, np.uint8)), defect="dent"),
+        400,
+        "empty_mask",
+    ),
     "mask without defect": (dict(image=IMAGE, mask=MASK), 422, "defect_required"),
     "defect without mask": (dict(image=IMAGE, defect="dent"), 422, "mask_required"),
     "product with a slash": (dict(image=IMAGE, product="../etc"), 422, "invalid_request"),
@@ -49,7 +55,9 @@ UPLOAD_CASES = {
 
 
 def _counts(client):
-    return len(client.get("/v1/exemplars").json()["items"]), len(client.get("/v1/jobs", params={"limit": 1000}).json()["items"])
+    return len(client.get("/v1/exemplars").json()["items"]), len(
+        client.get("/v1/jobs", params={"limit": 1000}).json()["items"]
+    )
 
 
 def _assert_error(response, status, code):
@@ -92,8 +100,11 @@ def _job_cases(anomaly, normal):
         "anomaly given as normal": (dict(ok, normals=[anomaly]), 422, "wrong_exemplar_kind"),
         "given masks missing": (dict(ok, masks={"source": "given"}), 422, "invalid_request"),
         "unknown mask source": (dict(ok, masks={"source": "everywhere"}), 422, "invalid_request"),
-        "exemplar masks without exemplars": (dict(ok, exemplars=[], masks={"source": "exemplar"}), 422,
-                                             "exemplars_required"),
+        "exemplar masks without exemplars": (
+            dict(ok, exemplars=[], masks={"source": "exemplar"}),
+            422,
+            "exemplars_required",
+        ),
         "bad box": (dict(ok, masks={"source": "box", "boxes": [[10, 10, 5, 5]]}), 422, "invalid_request"),
         "fine-tune with a model-free method": (dict(ok, kind="finetune"), 422, "unsupported_kind"),
         "unknown kind": (dict(ok, kind="train"), 422, "invalid_request"),
@@ -120,14 +131,22 @@ def test_malformed_json_body(acme):
 
 def test_multipart_shortcut_validates_every_file_before_storing_any(acme):
     before = _counts(acme)
-    files = [("image", ("a.png", IMAGE)), ("mask", ("m.png", MASK)),
-             ("normal", ("n1.png", IMAGE)), ("normal", ("n2.txt", b"not an image"))]
+    files = [
+        ("image", ("a.png", IMAGE)),
+        ("mask", ("m.png", MASK)),
+        ("normal", ("n1.png", IMAGE)),
+        ("normal", ("n2.txt", b"not an image")),
+    ]
     _assert_error(acme.post("/v1/jobs/generate", files=files, data={"method": "draem"}), 415, "unsupported_image_type")
     files[-1] = ("normal", ("n2.png", IMAGE))
-    _assert_error(acme.post("/v1/jobs/generate", files=files, data={"method": "draem", "params": "{oops"}),
-                  422, "invalid_params")
-    _assert_error(acme.post("/v1/jobs/generate", files=files, data={"method": "draem", "params": json.dumps({"x": 1})}),
-                  422, "invalid_params")
+    _assert_error(
+        acme.post("/v1/jobs/generate", files=files, data={"method": "draem", "params": "{oops"}), 422, "invalid_params"
+    )
+    _assert_error(
+        acme.post("/v1/jobs/generate", files=files, data={"method": "draem", "params": json.dumps({"x": 1})}),
+        422,
+        "invalid_params",
+    )
     _assert_error(acme.post("/v1/jobs/generate", files=files, data={"method": "nope"}), 422, "unknown_method")
     assert _counts(acme) == before
 
@@ -138,11 +157,22 @@ def test_unknown_job_and_unknown_route(acme):
     _assert_error(acme.get("/v1/nothing-here"), 404, "not_found")
 
 
-@pytest.mark.parametrize("headers,code", [({}, "missing_api_key"), ({"Authorization": "Bearer wrong"}, "invalid_api_key"),
-                                          ({"Authorization": "Basic a2V5"}, "missing_api_key")])
+@pytest.mark.parametrize(
+    "headers,code",
+    [
+        ({}, "missing_api_key"),
+        ({"Authorization": "Bearer wrong"}, "invalid_api_key"),
+        ({"Authorization": "Basic a2V5"}, "missing_api_key"),
+    ],
+)
 def test_missing_or_wrong_key(api_url, headers, code):
     import httpx
 
     _assert_error(httpx.get(api_url + "/v1/jobs", headers=headers), 401, code)
-    _assert_error(httpx.post(api_url + "/v1/exemplars", headers=headers, files={"image": ("a.png", IMAGE)},
-                             data={"product": "x"}), 401, code)
+    _assert_error(
+        httpx.post(
+            api_url + "/v1/exemplars", headers=headers, files={"image": ("a.png", IMAGE)}, data={"product": "x"}
+        ),
+        401,
+        code,
+    )

@@ -42,10 +42,18 @@ def test_generate_job_writes_count_valid_pairs(acme, method, rgb, fmt, masks):
     exemplar, normals, _ = _make_inputs(acme, rgb, fmt=fmt)
     assert exemplar["kind"] == "anomaly" and exemplar["width"] == 160 and exemplar["height"] == 96
     assert exemplar["mode"] == ("RGB" if rgb else "L")
-    response = acme.post("/v1/jobs", json={
-        "kind": "generate", "method": method, "exemplars": [exemplar["id"]],
-        "normals": [n["id"] for n in normals], "count": 6, "seed": 11, "masks": masks,
-    })
+    response = acme.post(
+        "/v1/jobs",
+        json={
+            "kind": "generate",
+            "method": method,
+            "exemplars": [exemplar["id"]],
+            "normals": [n["id"] for n in normals],
+            "count": 6,
+            "seed": 11,
+            "masks": masks,
+        },
+    )
     assert response.status_code == 202, response.text
     assert response.json()["status"] == "queued"
     job = wait_for_job(acme, response.json()["id"])
@@ -82,8 +90,15 @@ def test_generate_job_writes_count_valid_pairs(acme, method, rgb, fmt, masks):
 
 def test_same_seed_gives_the_same_pairs(acme):
     exemplar, normals, _ = _make_inputs(acme, rgb=False)
-    body = {"kind": "generate", "method": "draem", "exemplars": [exemplar["id"]],
-            "normals": [normals[0]["id"]], "count": 2, "seed": 5, "masks": {"source": "exemplar"}}
+    body = {
+        "kind": "generate",
+        "method": "draem",
+        "exemplars": [exemplar["id"]],
+        "normals": [normals[0]["id"]],
+        "count": 2,
+        "seed": 5,
+        "masks": {"source": "exemplar"},
+    }
     first, second = (wait_for_job(acme, acme.post("/v1/jobs", json=body).json()["id"]) for _ in range(2))
     key = "images/scratch/1.png"
     a = acme.get(f"/v1/jobs/{first['id']}/artifacts/jobs/{first['id']}/{key}").content
@@ -125,8 +140,9 @@ def test_methods_health_and_docs(acme, api_url):
 
 def test_prometheus_metrics_from_api_and_worker(acme, api_url, service_env):
     exemplar, normals, _ = _make_inputs(acme, rgb=False)
-    job_id = acme.post("/v1/jobs", json={"kind": "generate", "method": "draem", "normals": [normals[0]["id"]],
-                                         "count": 2}).json()["id"]
+    job_id = acme.post(
+        "/v1/jobs", json={"kind": "generate", "method": "draem", "normals": [normals[0]["id"]], "count": 2}
+    ).json()["id"]
     assert wait_for_job(acme, job_id)["status"] == "succeeded"
     api_metrics = httpx.get(api_url + "/metrics").text
     assert 'synth_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="200"}' in api_metrics

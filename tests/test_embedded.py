@@ -15,8 +15,14 @@ def _start(data_dir, port):
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "STORAGE_URL", "API_KEYS", "SD_MODEL_DIR")}
     env.update(DATA_DIR=str(data_dir), PORT=str(port), WORKER_METRICS_PORT=str(free_port()), PYTHONUNBUFFERED="1")
     log = open(data_dir.parent / f"embedded-{port}.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "service.embedded"], env=env, cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.embedded"],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
 
     def ready():
@@ -40,13 +46,27 @@ def test_embedded_service_runs_jobs_and_keeps_them_across_restarts(tmp_path):
     proc, base = _start(data_dir, free_port())
     try:
         client = httpx.Client(base_url=base, timeout=30)  # no keys: loopback, no auth header
-        anomaly = client.post("/v1/exemplars", files={"image": ("a.png", png_bytes(product_image(64, 64))),
-                                                      "mask": ("m.png", png_bytes(defect_mask(64, 64)))},
-                              data={"product": "p", "defect": "d"}).json()
-        normal = client.post("/v1/exemplars", files={"image": ("n.png", png_bytes(product_image(64, 64, seed=2)))},
-                             data={"product": "p"}).json()
-        job_id = client.post("/v1/jobs", json={"kind": "generate", "method": "draem", "count": 5,
-                                               "exemplars": [anomaly["id"]], "normals": [normal["id"]]}).json()["id"]
+        anomaly = client.post(
+            "/v1/exemplars",
+            files={
+                "image": ("a.png", png_bytes(product_image(64, 64))),
+                "mask": ("m.png", png_bytes(defect_mask(64, 64))),
+            },
+            data={"product": "p", "defect": "d"},
+        ).json()
+        normal = client.post(
+            "/v1/exemplars", files={"image": ("n.png", png_bytes(product_image(64, 64, seed=2)))}, data={"product": "p"}
+        ).json()
+        job_id = client.post(
+            "/v1/jobs",
+            json={
+                "kind": "generate",
+                "method": "draem",
+                "count": 5,
+                "exemplars": [anomaly["id"]],
+                "normals": [normal["id"]],
+            },
+        ).json()["id"]
         assert wait_for_job(client, job_id)["status"] == "succeeded"
         # no SD_MODEL_DIR here: diffusion methods are listed as unavailable, with the reason, and refused
         anogen = next(m for m in client.get("/v1/methods").json()["items"] if m["name"] == "anogen")

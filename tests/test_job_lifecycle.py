@@ -20,8 +20,17 @@ def _inputs(client):
 
 def _long_job(client, inputs, count=5000):
     anomaly, normal = inputs
-    response = client.post("/v1/jobs", json={"kind": "generate", "method": "draem", "exemplars": [anomaly],
-                                             "normals": [normal], "count": count, "masks": {"source": "exemplar"}})
+    response = client.post(
+        "/v1/jobs",
+        json={
+            "kind": "generate",
+            "method": "draem",
+            "exemplars": [anomaly],
+            "normals": [normal],
+            "count": count,
+            "masks": {"source": "exemplar"},
+        },
+    )
     assert response.status_code == 202, response.text
     return response.json()["id"]
 
@@ -115,7 +124,9 @@ def test_open_service_refuses_public_bind(tmp_path):
 
     env = make_env("redis://127.0.0.1:1/0", f"file://{tmp_path}", HOST="0.0.0.0")
     env.pop("API_KEYS")
-    result = subprocess.run([sys.executable, "-m", "service.serve"], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "service.serve"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2 and "API_KEYS" in result.stderr
 
 

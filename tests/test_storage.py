@@ -24,8 +24,12 @@ def s3_server(tmp_path_factory):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
@@ -81,17 +85,27 @@ def test_unsupported_storage_url():
 
 
 def test_generate_job_on_redis_and_s3(s3_server, redis_url, tmp_path):
-    env = make_env(redis_url, f"s3://{BUCKET}/e2e", **s3_server)
+    # A Redis database of its own, so the session's worker (on local storage) cannot take this job.
+    env = make_env(redis_url.rsplit("/", 1)[0] + "/1", f"s3://{BUCKET}/e2e", **s3_server)
     worker = start_worker(env, tmp_path / "worker.log", queues="gpu", name="s3")
     api, base = start_api(env, tmp_path / "api.log")
     try:
         client = client_for(base, "acme")
-        anomaly = upload(client, png_bytes(product_image(64, 96, rgb=True)), png_bytes(defect_mask(64, 96)),
-                         defect="stain").json()
+        anomaly = upload(
+            client, png_bytes(product_image(64, 96, rgb=True)), png_bytes(defect_mask(64, 96)), defect="stain"
+        ).json()
         normal = upload(client, png_bytes(product_image(64, 96, rgb=True, seed=9))).json()
-        job_id = client.post("/v1/jobs", json={"kind": "generate", "method": "cutpaste", "count": 4,
-                                               "exemplars": [anomaly["id"]], "normals": [normal["id"]],
-                                               "masks": {"source": "exemplar"}}).json()["id"]
+        job_id = client.post(
+            "/v1/jobs",
+            json={
+                "kind": "generate",
+                "method": "cutpaste",
+                "count": 4,
+                "exemplars": [anomaly["id"]],
+                "normals": [normal["id"]],
+                "masks": {"source": "exemplar"},
+            },
+        ).json()["id"]
         job = wait_for_job(client, job_id)
         assert job["status"] == "succeeded", job
         items = client.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]
@@ -107,7 +121,6 @@ def test_generate_job_on_redis_and_s3(s3_server, redis_url, tmp_path):
     finally:
         api.stop()
         worker.stop()
-
 
 
 def test_put_file_and_get_file(storage, tmp_path):

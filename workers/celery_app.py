@@ -1,7 +1,7 @@
 """The Celery application of both worker kinds (queues `gpu` and `metrics`).
 
-    celery -A workers.celery_app worker -Q gpu --concurrency 1      # one per GPU
-    celery -A workers.celery_app worker -Q metrics --concurrency 2
+celery -A workers.celery_app worker -Q gpu --concurrency 1      # one per GPU
+celery -A workers.celery_app worker -Q metrics --concurrency 2
 """
 
 import os

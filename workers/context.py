@@ -80,7 +80,7 @@ class JobContext:
     def download_prefix(self, prefix: str, folder: Path) -> None:
         """Every object under `prefix` into `folder`, keeping the relative paths."""
         for obj in self.storage.list(prefix):
-            target = folder / obj.key[len(prefix):]
+            target = folder / obj.key[len(prefix) :]
             target.parent.mkdir(parents=True, exist_ok=True)
             self.storage.get_file(obj.key, target)
 

@@ -37,8 +37,16 @@ def run_finetune(context: JobContext) -> dict:
                 context.upload_folder(checkpoints, checkpoint_prefix)
             context.progress("training", done, total)
 
-        anogen.finetune(sd, exemplars, params, seed=job["seed"], out_dir=adapter, checkpoint_dir=checkpoints,
-                        checkpoint_every=CHECKPOINT_EVERY, on_progress=on_progress)
+        anogen.finetune(
+            sd,
+            exemplars,
+            params,
+            seed=job["seed"],
+            out_dir=adapter,
+            checkpoint_dir=checkpoints,
+            checkpoint_every=CHECKPOINT_EVERY,
+            on_progress=on_progress,
+        )
         files = context.upload_folder(adapter, adapter_prefix)
     context.storage.delete_prefix(checkpoint_prefix)
     return {"adapter": adapter_prefix, "files": files, "train_steps": params.train_steps}

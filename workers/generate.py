@@ -54,11 +54,19 @@ def _model_free(context, inputs: Inputs, params, mask_spec, outputs) -> None:
     for index in range(job["count"]):
         context.progress("generating", index, job["count"])
         pair = synthesize_pair(
-            job["method"], index, job["seed"], inputs.normals, params=params, mask_spec=mask_spec,
-            exemplar_masks=inputs.exemplar_masks, given_masks=inputs.given_masks, foregrounds=inputs.foregrounds,
+            job["method"],
+            index,
+            job["seed"],
+            inputs.normals,
+            params=params,
+            mask_spec=mask_spec,
+            exemplar_masks=inputs.exemplar_masks,
+            given_masks=inputs.given_masks,
+            foregrounds=inputs.foregrounds,
         )
-        outputs.add(index, pair.image, pair.mask, seed=pair.seed, normal=job["normals"][pair.normal_index],
-                    weak_label=False)
+        outputs.add(
+            index, pair.image, pair.mask, seed=pair.seed, normal=job["normals"][pair.normal_index], weak_label=False
+        )
 
 
 def _anogen(context, inputs: Inputs, params, mask_spec, outputs) -> None:
@@ -76,11 +84,19 @@ def _anogen(context, inputs: Inputs, params, mask_spec, outputs) -> None:
             def on_progress(_stage, done, total, start=start, size=len(items)):
                 context.progress("denoising", start * steps + round(done / total * size * steps), count * steps)
 
-            results = anogen.generate(sd, adapter, items, params, images_per_batch=DIFFUSION_PAIRS_PER_CALL,
-                                      on_progress=on_progress)
+            results = anogen.generate(
+                sd, adapter, items, params, images_per_batch=DIFFUSION_PAIRS_PER_CALL, on_progress=on_progress
+            )
             for index, result in zip(indices, results):
-                outputs.add(index, result.image, result.mask, refined_mask=result.refined_mask, seed=result.seed,
-                            normal=job["normals"][index % len(inputs.normals)], weak_label=result.weak_label)
+                outputs.add(
+                    index,
+                    result.image,
+                    result.mask,
+                    refined_mask=result.refined_mask,
+                    seed=result.seed,
+                    normal=job["normals"][index % len(inputs.normals)],
+                    weak_label=result.weak_label,
+                )
 
 
 def _box_item(job: dict, inputs: Inputs, mask_spec: MaskSpec, index: int):
@@ -89,8 +105,13 @@ def _box_item(job: dict, inputs: Inputs, mask_spec: MaskSpec, index: int):
     normal = inputs.normals[normal_index]
     seed = pair_seed(job["seed"], index)
     target = sample_target_mask(
-        mask_spec, mask_spec.source, np.random.default_rng(seed), (normal.height, normal.width),
+        mask_spec,
+        mask_spec.source,
+        np.random.default_rng(seed),
+        (normal.height, normal.width),
         foreground=inputs.foregrounds[normal_index] if inputs.foregrounds else None,
-        exemplar_masks=inputs.exemplar_masks, given_masks=inputs.given_masks, index=index,
+        exemplar_masks=inputs.exemplar_masks,
+        given_masks=inputs.given_masks,
+        index=index,
     )
     return (normal, bounding_box(target), seed)

@@ -25,8 +25,9 @@ class GenerateOutputs:
         self.entries: list[dict] = []
         self.preview: list[tuple[Image.Image, np.ndarray]] = []
 
-    def add(self, index: int, image: Image.Image, mask: np.ndarray, refined_mask: np.ndarray | None = None,
-            **entry) -> None:
+    def add(
+        self, index: int, image: Image.Image, mask: np.ndarray, refined_mask: np.ndarray | None = None, **entry
+    ) -> None:
         """Store pair `index`; `entry` (seed, source normal, ...) goes into the manifest. A refined
         mask (where a weakly labelled image really changed) goes beside, outside the MVTec folders."""
         image_path = f"images/{self.defect}/{index}.png"

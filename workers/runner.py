@@ -35,7 +35,10 @@ def resources() -> tuple[Records, object]:
 
 def _fail(records: Records, job_id: str, code: str, message: str) -> bool:
     return records.transition(
-        job_id, ("queued", "running"), status="failed", finished_at=now(),
+        job_id,
+        ("queued", "running"),
+        status="failed",
+        finished_at=now(),
         error={"code": code, "message": message},
     )
 
@@ -48,12 +51,17 @@ def run_job(job_id: str, time_limit: int) -> None:
         return
     attempts = job.get("attempts", 0) + 1
     if attempts > MAX_ATTEMPTS:
-        _fail(records, job_id, "worker_lost",
-              f"the worker died {MAX_ATTEMPTS} times while running this job (last stage: "
-              f"{job['progress']['stage']}); it may need more memory: try a smaller count or resolution")
+        _fail(
+            records,
+            job_id,
+            "worker_lost",
+            f"the worker died {MAX_ATTEMPTS} times while running this job (last stage: "
+            f"{job['progress']['stage']}); it may need more memory: try a smaller count or resolution",
+        )
         return
-    if not records.transition(job_id, ("queued", "running"), status="running", attempts=attempts,
-                              started_at=job["started_at"] or now()):
+    if not records.transition(
+        job_id, ("queued", "running"), status="running", attempts=attempts, started_at=job["started_at"] or now()
+    ):
         return
     job["attempts"] = attempts
     queue = QUEUE_BY_KIND[job["kind"]]
@@ -66,8 +74,9 @@ def run_job(job_id: str, time_limit: int) -> None:
         result = RUNNERS[job["kind"]](context)
         total = context.total or job["count"]
         done = {"fraction": 1.0, "stage": "done", "done": total, "total": total}
-        if records.transition(job_id, ("running",), status="succeeded", result=result, progress=done,
-                              finished_at=now()):
+        if records.transition(
+            job_id, ("running",), status="succeeded", result=result, progress=done, finished_at=now()
+        ):
             status = "succeeded"
         else:
             status = records.get_job_field(job_id, "status") or "failed"
@@ -75,8 +84,12 @@ def run_job(job_id: str, time_limit: int) -> None:
         records.transition(job_id, ("running",), status="cancelled", finished_at=now())
         status = "cancelled"
     except SoftTimeLimitExceeded:
-        _fail(records, job_id, "time_limit",
-              f"the job ran longer than JOB_TIME_LIMIT ({time_limit} s); lower count or steps, or raise the limit")
+        _fail(
+            records,
+            job_id,
+            "time_limit",
+            f"the job ran longer than JOB_TIME_LIMIT ({time_limit} s); lower count or steps, or raise the limit",
+        )
     except JobFailed as exc:
         _fail(records, job_id, "job_failed", str(exc))
     except Exception as exc:

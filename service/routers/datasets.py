@@ -27,8 +27,15 @@ def _check_and_store(state, tenant: str, product: str, archive: Path, size: int)
         except DatasetError as exc:
             raise ApiError(400, exc.code, exc.message) from None
     dataset_id = new_id()
-    record = {"id": dataset_id, "tenant": tenant, "product": product, "counts": counts, "size": size,
-              "created_at": now(), "archive_key": f"datasets/{dataset_id}/archive"}
+    record = {
+        "id": dataset_id,
+        "tenant": tenant,
+        "product": product,
+        "counts": counts,
+        "size": size,
+        "created_at": now(),
+        "archive_key": f"datasets/{dataset_id}/archive",
+    }
     state.storage.put_file(record["archive_key"], archive)
     state.records.put_record("dataset", record)
     return record
@@ -62,5 +69,3 @@ async def upload_dataset(
 @router.get("", response_model=DatasetList, responses={401: {"model": ErrorResponse}})
 def list_datasets(request: Request, tenant: str = Depends(current_tenant)):
     return {"items": [public_dataset(r) for r in request.app.state.records.list_records("dataset", tenant)]}
-
-

@@ -13,7 +13,9 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)}
 async def upload_exemplar(
     request: Request,
     image: UploadFile = File(..., description="PNG, JPEG, BMP or TIFF; grayscale or RGB"),
-    mask: UploadFile | None = File(None, description="defect mask (same size; >=128 is defect); omit for a normal image"),
+    mask: UploadFile | None = File(
+        None, description="defect mask (same size; >=128 is defect); omit for a normal image"
+    ),
     product: str = Form(..., pattern=NAME_PATTERN, examples=["magnetic_tile"]),
     defect: str | None = Form(None, pattern=NAME_PATTERN, examples=["crack"]),
     tenant: str = Depends(current_tenant),

@@ -16,7 +16,15 @@ from service.errors import ApiError, describe_validation_errors
 from service.metrics import JOBS_SUBMITTED
 from service.records import TERMINAL, now
 from service.schemas import (
-    NAME_PATTERN, ArtifactList, ErrorResponse, Job, JobAccepted, JobCreate, JobList, JobStatus, JobKind,
+    NAME_PATTERN,
+    ArtifactList,
+    ErrorResponse,
+    Job,
+    JobAccepted,
+    JobCreate,
+    JobKind,
+    JobList,
+    JobStatus,
 )
 from service.storage import LocalStorage, StorageError, check_key
 from service.submission import build_job, submit
@@ -67,7 +75,7 @@ async def create_generate_job_from_files(
     method: str = Form(..., examples=["draem"]),
     count: int = Form(10, ge=1),
     params: str = Form("{}", description="method parameters as a JSON object"),
-    masks: str = Form("{}", description="mask spec as a JSON object, e.g. {\"source\": \"exemplar\"}"),
+    masks: str = Form("{}", description='mask spec as a JSON object, e.g. {"source": "exemplar"}'),
     seed: int | None = Form(None, ge=0, lt=2**32),
     product: str = Form("adhoc", pattern=NAME_PATTERN),
     defect: str = Form("anomaly", pattern=NAME_PATTERN),
@@ -91,9 +99,16 @@ async def create_generate_job_from_files(
     ]
     try:
         body = JobCreate(
-            kind="generate", method=method, product=product, defect=defect, count=count, seed=seed,
-            exemplars=[anomaly.record["id"]], normals=[n.record["id"] for n in normals],
-            masks=parsed["masks"], params=parsed["params"],
+            kind="generate",
+            method=method,
+            product=product,
+            defect=defect,
+            count=count,
+            seed=seed,
+            exemplars=[anomaly.record["id"]],
+            normals=[n.record["id"] for n in normals],
+            masks=parsed["masks"],
+            params=parsed["params"],
         )
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", describe_validation_errors(exc.errors())) from None
@@ -149,7 +164,9 @@ def list_artifacts(job_id: str, request: Request, tenant: str = Depends(current_
     for prefix in _artifact_prefixes(job_id):
         for obj in state.storage.list(prefix):
             url = state.storage.presigned_url(obj.key, state.settings.artifact_url_expiry)
-            items.append({"key": obj.key, "url": url or f"{base}/v1/jobs/{job_id}/artifacts/{obj.key}", "size": obj.size})
+            items.append(
+                {"key": obj.key, "url": url or f"{base}/v1/jobs/{job_id}/artifacts/{obj.key}", "size": obj.size}
+            )
     return {"items": items}
 
 
@@ -169,13 +186,19 @@ async def export_mvtec(job_id: str, request: Request, tenant: str = Depends(curr
     and the normal images it used as train/good/."""
     job = _owned_job(request, tenant, job_id)
     if job["kind"] != "generate" or job["status"] != "succeeded":
-        raise ApiError(409, "not_exportable", f"only succeeded generate jobs export; this is a {job['status']} {job['kind']} job")
+        raise ApiError(
+            409, "not_exportable", f"only succeeded generate jobs export; this is a {job['status']} {job['kind']} job"
+        )
     state = request.app.state
     scratch = tempfile.mkdtemp()
     out = Path(scratch) / f"{job_id}.zip"
     await run_in_threadpool(_write_export, state.storage, job, state.records, out)
-    return FileResponse(out, media_type="application/zip", filename=f"{job['product'] or 'dataset'}-{job_id}.zip",
-                        background=BackgroundTask(shutil.rmtree, scratch, ignore_errors=True))
+    return FileResponse(
+        out,
+        media_type="application/zip",
+        filename=f"{job['product'] or 'dataset'}-{job_id}.zip",
+        background=BackgroundTask(shutil.rmtree, scratch, ignore_errors=True),
+    )
 
 
 @router.get("/{job_id}/artifacts/{key:path}", responses=ERRORS, response_class=Response)

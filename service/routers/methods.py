@@ -14,15 +14,17 @@ def list_methods(request: Request, _: str = Depends(current_tenant)):
     items = []
     for method in METHODS.values():
         reason = method.unavailable_reason(sd_model_dir)
-        items.append({
-            "name": method.name,
-            "family": method.family,
-            "kinds": list(method.kinds),
-            "available": reason is None,
-            "reason": reason,
-            "default_mask_source": method.default_mask_source,
-            "mask_sources": list(method.mask_sources),
-            "summary": method.summary,
-            "params_schema": method.params_model.model_json_schema(),
-        })
+        items.append(
+            {
+                "name": method.name,
+                "family": method.family,
+                "kinds": list(method.kinds),
+                "available": reason is None,
+                "reason": reason,
+                "default_mask_source": method.default_mask_source,
+                "mask_sources": list(method.mask_sources),
+                "summary": method.summary,
+                "params_schema": method.params_model.model_json_schema(),
+            }
+        )
     return {"items": items}
