@@ -1,0 +1,57 @@
+"""A small U-Net that maps an image to one anomaly logit per pixel."""
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """Two 3x3 convolutions, each followed by GroupNorm (batch-size independent) and ReLU."""
+    groups = math.gcd(8, out_channels)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.GroupNorm(groups, out_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        nn.GroupNorm(groups, out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """Encoder-decoder with skip connections; widths ``width * 2**level`` for ``depth`` levels.
+
+    Input: images in [0, 1], shape (batch, in_channels, H, W) with H and W divisible by
+    ``2 ** (depth - 1)``. Output: logits, shape (batch, 1, H, W).
+    """
+
+    def __init__(self, in_channels: int = 3, width: int = 16, depth: int = 4):
+        super().__init__()
+        widths = [width * 2**level for level in range(depth)]
+        self.encoder = nn.ModuleList(
+            conv_block(c_in, c_out) for c_in, c_out in zip([in_channels] + widths[:-1], widths)
+        )
+        # Each decoder level upsamples the level below and merges it with the skip of its own level.
+        self.decoder = nn.ModuleList(
+            conv_block(widths[level + 1] + widths[level], widths[level]) for level in reversed(range(depth - 1))
+        )
+        self.head = nn.Conv2d(widths[0], 1, 1)
+        # Start by calling every pixel normal with probability 0.99 (the focal-loss paper's prior):
+        # defects are rare, and starting from 0.5 spends the first hundreds of steps unlearning it.
+        nn.init.constant_(self.head.bias, -math.log(99))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images * 2 - 1
+        skips = []
+        for level, block in enumerate(self.encoder):
+            if level > 0:
+                x = F.max_pool2d(x, 2)
+            x = block(x)
+            skips.append(x)
+        skips.pop()  # the bottom level has no skip: it is x itself
+        for block in self.decoder:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skips.pop()], dim=1))
+        return self.head(x)
