@@ -99,6 +99,8 @@ class Job(BaseModel):
     adapter: str | None = None
     masks: dict | None = None
     params: dict = {}
+    dataset: str | None = None
+    generated: list[str] = []
 
 
 class JobAccepted(BaseModel):

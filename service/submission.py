@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
+from models.downstream.params import EvaluateParams
 from models.methods.registry import METHODS
 from service.errors import ApiError, describe_validation_errors
 from service.queue import enqueue_job
@@ -28,10 +29,64 @@ def _exemplars(ids: list[str], lookup: ExemplarLookup, kind: str, field: str) ->
     return found
 
 
-def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, get_job) -> dict:
+def _job_record(tenant: str, body: JobCreate, **fields) -> dict:
+    total = fields.pop("total")
+    return {
+        "id": secrets.token_hex(16),
+        "tenant": tenant,
+        "kind": body.kind,
+        "adapter": body.adapter,
+        "count": body.count,
+        "seed": body.seed if body.seed is not None else secrets.randbelow(2**32),
+        "status": "queued",
+        "progress": {"fraction": 0.0, "stage": "queued", "done": 0, "total": total},
+        "created_at": now(),
+        "started_at": None,
+        "finished_at": None,
+        "result": None,
+        "error": None,
+        "cancel_requested": False,
+        "attempts": 0,
+        **fields,
+    }
+
+
+def build_evaluate_job(tenant: str, body: JobCreate, get_dataset, get_job) -> dict:
+    """An evaluate job: a dataset of the tenant's, and succeeded generate jobs of the tenant's."""
+    if body.method:
+        raise ApiError(422, "invalid_request", "evaluate jobs take no `method`: they evaluate `generated` jobs")
+    try:
+        params = EvaluateParams.model_validate(body.params)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_params", describe_validation_errors(exc.errors())) from None
+    if not body.dataset:
+        raise ApiError(422, "dataset_required", "an evaluate job needs `dataset`: the id of an uploaded dataset")
+    dataset = get_dataset(body.dataset)
+    if dataset is None:
+        raise ApiError(422, "unknown_dataset", f"dataset: no dataset with id {body.dataset!r}")
+    for job_id in body.generated:
+        job = get_job(job_id)
+        if job is None or job["kind"] != "generate":
+            raise ApiError(422, "unknown_job", f"generated: no generate job with id {job_id!r}")
+        if job["status"] != "succeeded":
+            raise ApiError(409, "job_not_succeeded", f"generate job {job_id} is {job['status']}, not succeeded")
+    if len(set(body.generated)) != len(body.generated):
+        raise ApiError(422, "invalid_request", "generated: a job is listed twice")
+    if not body.generated and not params.baselines:
+        raise ApiError(422, "nothing_to_evaluate", "list generate jobs in `generated`, or keep `baselines` on")
+    return _job_record(
+        tenant, body, total=1, method=None, product=body.product or dataset["product"], defect=None,
+        exemplars=[], normals=[], masks=None, params=params.model_dump(mode="json"),
+        dataset=body.dataset, generated=body.generated,
+    )
+
+
+def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, get_job, get_dataset=None) -> dict:
     """Validate `body` against the method, the tenant's exemplars and the limits; return the record."""
     if body.kind == "evaluate":
-        raise ApiError(422, "unsupported_kind", "evaluate jobs need the metrics worker, which is not deployed yet")
+        return build_evaluate_job(tenant, body, get_dataset or (lambda _: None), get_job)
+    if body.dataset or body.generated:
+        raise ApiError(422, "invalid_request", "`dataset` and `generated` belong to evaluate jobs")
     if not body.method:
         raise ApiError(422, "invalid_request", f"a {body.kind} job needs a `method`")
     method = METHODS.get(body.method)
@@ -83,32 +138,14 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
         raise ApiError(422, "invalid_request", f"{method.name} {body.kind} jobs take no `adapter`")
 
     named = exemplars or normals
-    total = params.train_steps if body.kind == "finetune" else body.count
-    job_id = secrets.token_hex(16)
-    return {
-        "id": job_id,
-        "tenant": tenant,
-        "kind": body.kind,
-        "method": method.name,
-        "product": body.product or (named[0]["product"] if named else None),
-        "defect": body.defect or (exemplars[0]["defect"] if exemplars else "anomaly"),
-        "exemplars": body.exemplars,
-        "normals": body.normals,
-        "adapter": body.adapter,
-        "count": body.count,
-        "seed": body.seed if body.seed is not None else secrets.randbelow(2**32),
-        "masks": masks.model_dump(mode="json"),
-        "params": params.model_dump(mode="json"),
-        "status": "queued",
-        "progress": {"fraction": 0.0, "stage": "queued", "done": 0, "total": total},
-        "created_at": now(),
-        "started_at": None,
-        "finished_at": None,
-        "result": None,
-        "error": None,
-        "cancel_requested": False,
-        "attempts": 0,
-    }
+    return _job_record(
+        tenant, body, total=params.train_steps if body.kind == "finetune" else body.count,
+        method=method.name,
+        product=body.product or (named[0]["product"] if named else None),
+        defect=body.defect or (exemplars[0]["defect"] if exemplars else "anomaly"),
+        exemplars=body.exemplars, normals=body.normals, masks=masks.model_dump(mode="json"),
+        params=params.model_dump(mode="json"),
+    )
 
 
 def submit(records, producer, job: dict) -> None:

@@ -16,6 +16,7 @@ from service.records import TERMINAL, Records, connect, now
 from service.settings import Settings
 from service.storage import open_storage
 from workers.context import JobCancelled, JobContext, JobFailed
+from workers.evaluate import run_evaluate
 from workers.finetune import run_finetune
 from workers.generate import run_generate
 from workers.metrics import JOB_DURATION, JOBS_FINISHED, JOBS_IN_PROGRESS
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # a job that kills its worker every time (out of memory, say) must not loop forever
 
-RUNNERS = {"finetune": run_finetune, "generate": run_generate}
+RUNNERS = {"evaluate": run_evaluate, "finetune": run_finetune, "generate": run_generate}
 
 
 @lru_cache(maxsize=1)

@@ -49,7 +49,10 @@ def _owned_job(request: Request, tenant: str, job_id: str) -> dict:
 
 def _build(request: Request, tenant: str, body: JobCreate, lookup) -> dict:
     records = request.app.state.records
-    return build_job(request.app.state.settings, tenant, body, lookup, lambda i: records.get_job(i, tenant))
+    return build_job(
+        request.app.state.settings, tenant, body, lookup, lambda i: records.get_job(i, tenant),
+        lambda i: records.get_record("dataset", tenant, i),
+    )
 
 
 def _queue(request: Request, job: dict) -> None:
