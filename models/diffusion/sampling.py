@@ -122,6 +122,7 @@ def ddim_invert(
     *,
     refine_steps: int = 0,
     on_step: StepCallback | None = None,
+    trajectory: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run DDIM backwards: clean latents -> the noise that `ddim_sample` (guidance 1) maps back to them.
 
@@ -130,8 +131,13 @@ def ddim_invert(
     at the unknown noisier one; each refine step re-evaluates eps at the latest estimate of the
     noisier latent (a fixed-point iteration), which makes the step an exact inverse of the
     sampling step in the limit, at one more UNet call per step and refinement.
+
+    trajectory: if given, the clean latents and the latents after every step are appended to it
+    (steps + 1 entries, least noisy first), for methods that replay the inverted path while sampling.
     """
     latents = latents.float()
+    if trajectory is not None:
+        trajectory.append(latents)
     timesteps = scheduler.timesteps.flip(0).tolist()
     unet_timesteps = scheduler.timesteps.flip(0).to(sd.device)
     for i, t in enumerate(timesteps):
@@ -141,6 +147,8 @@ def ddim_invert(
         for _ in range(refine_steps):
             noisier = ddim_move(latents, predict_noise(sd, noisier, unet_timesteps[i], cond), alpha_from, alpha_to)
         latents = noisier
+        if trajectory is not None:
+            trajectory.append(latents)
         if on_step is not None:
             on_step(i + 1, len(timesteps))
     return latents
