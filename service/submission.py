@@ -110,6 +110,10 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
     normals = _exemplars(body.normals, lookup, "normal", "normals")
     if body.kind == "generate" and not normals:
         raise ApiError(422, "normals_required", "a generate job needs at least one normal image in `normals`")
+    if method.family == "training-free" and len(exemplars) != 1:
+        raise ApiError(
+            422, "one_reference_required", f"{method.name} takes exactly one reference anomaly in `exemplars`"
+        )
     if body.kind == "finetune" and not exemplars:
         raise ApiError(422, "exemplars_required", "a fine-tune job needs at least one exemplar in `exemplars`")
 

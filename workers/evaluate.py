@@ -35,7 +35,8 @@ def run_evaluate(context: JobContext) -> dict:
         # 2. Each generate job's pairs, with the normal image each was made from.
         generated_sets = {}
         for generate_id in job["generated"]:
-            generated_sets[_arm_name(context, generate_id)] = _download_pairs(context, generate_id, scratch, GeneratedPair)
+            pairs = _download_pairs(context, generate_id, scratch, GeneratedPair)
+            generated_sets[_arm_name(context, generate_id)] = pairs
 
         # 3. Train and score every arm; write the report.
         output = scratch / "output"
@@ -43,8 +44,15 @@ def run_evaluate(context: JobContext) -> dict:
         def on_progress(stage: str, done: int, total: int) -> None:
             context.progress(stage, done, total)
 
-        metrics = evaluate(dataset_dir, generated_sets, params, output, device=Settings.from_env().device,
-                           on_progress=on_progress, checkpoint_dir=scratch / "checkpoints")
+        metrics = evaluate(
+            dataset_dir,
+            generated_sets,
+            params,
+            output,
+            device=Settings.from_env().device,
+            on_progress=on_progress,
+            checkpoint_dir=scratch / "checkpoints",
+        )
         context.upload_folder(output, context.prefix)
     return {
         "metrics": context.prefix + "metrics.json",
@@ -77,6 +85,13 @@ def _download_pairs(context: JobContext, generate_id: str, scratch: Path, pair_t
         for key, path in ((entry["image"], image), (entry["mask"], mask)):
             path.parent.mkdir(parents=True, exist_ok=True)
             context.storage.get_file(prefix + key, path)
-        pairs.append(pair_type(image=image, mask=mask, defect=manifest["defect"],
-                               weak_label=entry.get("weak_label", False), source_normal=normals.get(entry["normal"])))
+        pairs.append(
+            pair_type(
+                image=image,
+                mask=mask,
+                defect=manifest["defect"],
+                weak_label=entry.get("weak_label", False),
+                source_normal=normals.get(entry["normal"]),
+            )
+        )
     return pairs

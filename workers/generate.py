@@ -1,5 +1,6 @@
 """Generate jobs: read the inputs from storage, make `count` pairs, write them out as they come."""
 
+import hashlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from workers.diffusion import stable_diffusion
 from workers.outputs import GenerateOutputs
 
 DIFFUSION_PAIRS_PER_CALL = 8  # outputs handed to a diffusion method at once (it batches them)
+O2MAG_PAIRS_PER_CALL = 32  # outputs of one normal image per call: they share its inversion
 
 
 @dataclass
@@ -43,8 +45,10 @@ def run_generate(context: JobContext) -> dict:
     outputs = GenerateOutputs(context)
     if method.family == "model-free":
         _model_free(context, inputs, params, mask_spec, outputs)
-    else:
+    elif method.name == "anogen":
         _anogen(context, inputs, params, mask_spec, outputs)
+    else:
+        _o2mag(context, inputs, params, mask_spec, outputs)
     context.progress("writing manifest", job["count"], job["count"])
     return outputs.finish()
 
@@ -99,8 +103,71 @@ def _anogen(context, inputs: Inputs, params, mask_spec, outputs) -> None:
                 )
 
 
-def _box_item(job: dict, inputs: Inputs, mask_spec: MaskSpec, index: int):
-    """AnoGen paints inside a box: the bounding box of the target mask from the mask source."""
+def _o2mag(context, inputs: Inputs, params, mask_spec, outputs) -> None:
+    from models.methods import o2mag  # torch: only in the pool child that runs the job
+
+    job = context.job
+    sd = stable_diffusion()
+    reference = context.exemplar(job["exemplars"][0])
+    reference_image, reference_mask = context.load_image(reference["image_key"]), inputs.exemplar_masks[0]
+    embedding = _ago_embedding(context, sd, o2mag, reference_image, reference_mask, params)
+
+    # Outputs on the same normal image share its inversion, so each call takes one normal's outputs.
+    count, normals = job["count"], len(inputs.normals)
+    calls = []
+    for first in range(min(normals, count)):
+        on_this_normal = list(range(first, count, normals))
+        calls += [
+            on_this_normal[i : i + O2MAG_PAIRS_PER_CALL] for i in range(0, len(on_this_normal), O2MAG_PAIRS_PER_CALL)
+        ]
+    done = 0
+    for indices in calls:
+        items = [_target_mask(job, inputs, mask_spec, index) for index in indices]
+
+        def on_progress(_stage, step, total, done=done, size=len(items)):
+            context.progress("generating", done + step * size // total, count)
+
+        results = o2mag.generate(
+            sd, reference_image, reference_mask, items, params, embedding=embedding, on_progress=on_progress
+        )
+        for index, result in zip(indices, results):
+            outputs.add(
+                index,
+                result.image,
+                result.mask,
+                seed=result.seed,
+                normal=job["normals"][index % normals],
+                weak_label=False,
+            )
+        done += len(items)
+
+
+def _ago_embedding(context, sd, o2mag, reference_image, reference_mask, params):
+    """O2MAG's AGO text embedding for this reference: from the tenant's cache in storage when an
+    earlier job made it with the same model, reference and AGO params; else optimised and cached."""
+    model = hashlib.sha256(str(sd.model_dir).encode()).hexdigest()[:16]
+    reference_key = o2mag.ago_cache_key(reference_image, reference_mask, params)
+    key = f"cache/o2mag/{context.job['tenant']}/{model}/{reference_key}.safetensors"
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "embedding.safetensors"
+        if context.storage.exists(key):
+            context.storage.get_file(key, path)
+            return o2mag.load_embedding(path)
+        embedding = o2mag.optimize_embedding(
+            sd,
+            reference_image,
+            reference_mask,
+            params,
+            seed=o2mag.AGO_SEED,
+            on_progress=lambda _stage, done, total: context.progress("optimising the text embedding", done, total),
+        )
+        o2mag.save_embedding(embedding, path)
+        context.storage.put_file(key, path)
+        return embedding
+
+
+def _target_mask(job: dict, inputs: Inputs, mask_spec: MaskSpec, index: int) -> tuple[Image.Image, np.ndarray, int]:
+    """Output `index`: its normal image, its target mask from the mask source, and its seed."""
     normal_index = index % len(inputs.normals)
     normal = inputs.normals[normal_index]
     seed = pair_seed(job["seed"], index)
@@ -114,4 +181,10 @@ def _box_item(job: dict, inputs: Inputs, mask_spec: MaskSpec, index: int):
         given_masks=inputs.given_masks,
         index=index,
     )
-    return (normal, bounding_box(target), seed)
+    return normal, target, seed
+
+
+def _box_item(job: dict, inputs: Inputs, mask_spec: MaskSpec, index: int):
+    """AnoGen paints inside a box: the bounding box of the target mask from the mask source."""
+    normal, target, seed = _target_mask(job, inputs, mask_spec, index)
+    return normal, bounding_box(target), seed

@@ -46,5 +46,10 @@ METHODS: dict[str, MethodInfo] = {
             "AnoGen: a defect embedding learnt from 1-3 exemplars; DDIM inpainting of a box on normal "
             "images (the mask written is the box: a weak label)",
         ),
+        MethodInfo(
+            "o2mag", "training-free", ("generate",), "exemplar", ("exemplar", "box", "given"), True,
+            "O2MAG: one reference anomaly grafted into target masks on normal images by tri-branch "
+            "self-attention control (AGO text optimisation, DAE attention boost); no fine-tune job",
+        ),
     )
 }
