@@ -42,6 +42,20 @@ async def client_loop(client, normal_id, rounds, polls, interval, submits, gets,
                 errors.append(response.text)
 
 
+def server_side_quantiles(metrics_text: str, route: str, method: str, quantiles=(0.5, 0.99)) -> dict:
+    """Quantiles of the API's own latency histogram (upper bucket bounds, in ms): time spent in the
+    server, without the load generator's share."""
+    buckets = []
+    for line in metrics_text.splitlines():
+        if line.startswith("synth_http_request_duration_seconds_bucket") and f'route="{route}"' in line \
+                and f'method="{method}"' in line:
+            bound = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if bound == "+Inf" else float(bound), float(line.rsplit(" ", 1)[1])))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0
+    return {q: next((b * 1000 for b, c in buckets if c >= q * total), None) for q in quantiles}
+
+
 async def run(base, args):
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
@@ -58,6 +72,7 @@ async def run(base, args):
             )
         )
         elapsed = time.perf_counter() - start
+        metrics = (await client.get("/metrics")).text
     print(
         f"machine: {platform.node()} {os.cpu_count()} cores; {args.clients} clients, {args.rounds} rounds, "
         f"{args.polls} polls every {args.poll_interval} s"
@@ -66,6 +81,9 @@ async def run(base, args):
         f"requests: {len(submits) + len(gets)} in {elapsed:.1f} s ({(len(submits) + len(gets)) / elapsed:.0f}/s), "
         f"errors: {len(errors)}"
     )
+    for name, route, method in (("submit", "/v1/jobs", "POST"), ("poll", "/v1/jobs/{job_id}", "GET")):
+        server = server_side_quantiles(metrics, route, method)
+        print(f"{name:7s} server-side (histogram bucket bounds): p50 <= {server[0.5]} ms, p99 <= {server[0.99]} ms")
     for name, values, target in (("submit", submits, 50), ("poll", gets, 20)):
         print(
             f"{name:7s} n={len(values):5d}  p50={percentile(values, 50):6.1f} ms  "

@@ -46,6 +46,22 @@ def make_producer(settings: Settings) -> Celery:
     return app
 
 
+def warm_producer_pool(producer: Celery) -> None:
+    """Resolve Celery's lazy parts, open every pooled broker connection and declare the queues now,
+    at start-up: left to the first burst of submits, that work cost each of them up to ~250 ms."""
+    _ = producer.backend  # resolved (and imported) lazily by the first send_task otherwise
+    held = []
+    try:
+        for _ in range(producer.conf.broker_pool_limit or 1):
+            pooled = producer.producer_pool.acquire(block=True)
+            held.append(pooled)
+            for queue in producer.conf.task_queues:
+                pooled.maybe_declare(queue)
+    finally:
+        for pooled in held:
+            pooled.release()
+
+
 def enqueue_job(producer: Celery, job_id: str, kind: str) -> None:
     producer.send_task(RUN_JOB_TASK, args=[job_id], queue=QUEUE_BY_KIND[kind])
 
