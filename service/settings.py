@@ -47,6 +47,8 @@ class Settings:
     port: int = 8000
     data_dir: Path = Path("data")
     sd_model_dir: str | None = None
+    inception_weights: str | None = None
+    lpips_weights: str | None = None
     device: str | None = None
     max_image_side: int = 4096
     max_upload_bytes: int = 20 * 1024 * 1024
@@ -82,6 +84,8 @@ class Settings:
             port=_int(env, "PORT", 8000),
             data_dir=data_dir,
             sd_model_dir=env.get("SD_MODEL_DIR") or None,
+            inception_weights=env.get("INCEPTION_WEIGHTS") or None,
+            lpips_weights=env.get("LPIPS_WEIGHTS") or None,
             device=device,
             max_image_side=_int(env, "MAX_IMAGE_SIDE", 4096, minimum=16),
             max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 20 * 1024 * 1024, minimum=1024),

@@ -63,6 +63,11 @@ def test_evaluate_job_reports_metrics_for_every_arm(acme):
         overall = arm["segmentation"]["overall"]
         for name in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "image_auroc", "image_ap", "image_f1_max", "aupro"):
             assert overall[name] is None or 0.0 <= overall[name] <= 1.0, (name, overall[name])
+    generated = arms[f"cutpaste-{generate[:8]}"]
+    fidelity = generated["mask_fidelity"]  # cutpaste never paints outside its mask
+    assert fidelity["leakage"] == 0.0 and 0.0 < fidelity["fill"] <= 1.0
+    assert generated["generation"]["inception_score"] is None  # no weights configured here
+    assert "not configured" in generated["generation"]["inception_score_reason"]
     report = acme.get(items[prefix + "report.html"]).text
     assert "<table" in report and "pixel_roc.png" in report
 

@@ -40,18 +40,12 @@ def run_evaluate(context: JobContext) -> dict:
 
         # 3. Train and score every arm; write the report.
         output = scratch / "output"
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            context.progress(stage, done, total)
-
+        settings = Settings.from_env()
         metrics = evaluate(
-            dataset_dir,
-            generated_sets,
-            params,
-            output,
-            device=Settings.from_env().device,
-            on_progress=on_progress,
+            dataset_dir, generated_sets, params, output, device=settings.device, on_progress=context.progress,
             checkpoint_dir=scratch / "checkpoints",
+            inception_weights=_weights(settings.inception_weights, "INCEPTION_WEIGHTS"),
+            lpips_weights=_weights(settings.lpips_weights, "LPIPS_WEIGHTS"),
         )
         context.upload_folder(output, context.prefix)
     return {
@@ -59,6 +53,15 @@ def run_evaluate(context: JobContext) -> dict:
         "report": context.prefix + "report.html",
         "arms": sorted(metrics.get("arms", {})),
     }
+
+
+def _weights(path: str | None, setting: str) -> Path | None:
+    """A configured weights file, which must exist: a wrong path is a deployment error to report."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise JobFailed(f"{setting}={path} is not a file on this worker; fix the setting or unset it")
+    return Path(path)
 
 
 def _arm_name(context: JobContext, generate_id: str) -> str:
