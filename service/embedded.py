@@ -15,8 +15,7 @@ from pathlib import Path
 
 import redis
 
-from service.auth import is_loopback
-from service.settings import Settings, SettingsError
+from service.serve import settings_or_exit
 
 
 def free_port() -> int:
@@ -82,14 +81,7 @@ def worker_command(queue: str, concurrency: int) -> list[str]:
 
 
 def main() -> int:
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if not settings.auth_enabled and not is_loopback(settings.host):
-        print(f"error: refusing to bind {settings.host} without API_KEYS (loopback only)", file=sys.stderr)
-        return 2
+    settings = settings_or_exit()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, STORAGE_URL=settings.storage_url, DATA_DIR=str(settings.data_dir))
     children: list[subprocess.Popen] = []

@@ -12,20 +12,27 @@ from service.auth import is_loopback
 from service.settings import Settings, SettingsError
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def settings_or_exit() -> Settings:
+    """The settings, or exit with status 2 and the reason: a malformed setting, or a non-loopback
+    address with no API_KEYS."""
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise SystemExit(2) from None
     if not settings.auth_enabled and not is_loopback(settings.host):
         print(
             f"error: refusing to bind {settings.host}: no API_KEYS are configured, so only loopback "
             "(127.0.0.1, ::1) is allowed. Set API_KEYS=tenant:key[,tenant:key] to serve other hosts.",
             file=sys.stderr,
         )
-        return 2
+        raise SystemExit(2)
+    return settings
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_or_exit()
     uvicorn.run(
         "service.app:create_app",
         factory=True,

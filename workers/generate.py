@@ -78,29 +78,23 @@ def _anogen(context, inputs: Inputs, params, mask_spec, outputs) -> None:
 
     job = context.job
     sd = stable_diffusion()
-    count, steps = job["count"], params.num_inference_steps
+    count = job["count"]
     with tempfile.TemporaryDirectory() as adapter:
         context.download_prefix(f"adapters/{job['adapter']}/", Path(adapter))
-        for start in range(0, count, DIFFUSION_PAIRS_PER_CALL):
-            indices = range(start, min(count, start + DIFFUSION_PAIRS_PER_CALL))
-            items = [_box_item(job, inputs, mask_spec, index) for index in indices]
-
-            def on_progress(_stage, done, total, start=start, size=len(items)):
-                context.progress("denoising", start * steps + round(done / total * size * steps), count * steps)
-
-            results = anogen.generate(
-                sd, adapter, items, params, images_per_batch=DIFFUSION_PAIRS_PER_CALL, on_progress=on_progress
-            )
-            for index, result in zip(indices, results):
-                outputs.add(
-                    index,
-                    result.image,
-                    result.mask,
-                    refined_mask=result.refined_mask,
-                    seed=result.seed,
-                    normal=job["normals"][index % len(inputs.normals)],
-                    weak_label=result.weak_label,
-                )
+        calls = [
+            range(start, min(count, start + DIFFUSION_PAIRS_PER_CALL))
+            for start in range(0, count, DIFFUSION_PAIRS_PER_CALL)
+        ]
+        _generate_in_calls(
+            context,
+            inputs,
+            outputs,
+            calls,
+            lambda index: _box_item(job, inputs, mask_spec, index),
+            lambda items, on_progress: anogen.generate(
+                sd, adapter, items, params, on_progress=on_progress, images_per_batch=DIFFUSION_PAIRS_PER_CALL
+            ),
+        )
 
 
 def _o2mag(context, inputs: Inputs, params, mask_spec, outputs) -> None:
@@ -116,28 +110,42 @@ def _o2mag(context, inputs: Inputs, params, mask_spec, outputs) -> None:
     count, normals = job["count"], len(inputs.normals)
     calls = []
     for first in range(min(normals, count)):
-        on_this_normal = list(range(first, count, normals))
+        on_this_normal = range(first, count, normals)
         calls += [
             on_this_normal[i : i + O2MAG_PAIRS_PER_CALL] for i in range(0, len(on_this_normal), O2MAG_PAIRS_PER_CALL)
         ]
+    _generate_in_calls(
+        context,
+        inputs,
+        outputs,
+        calls,
+        lambda index: _target_mask(job, inputs, mask_spec, index),
+        lambda items, on_progress: o2mag.generate(
+            sd, reference_image, reference_mask, items, params, embedding=embedding, on_progress=on_progress
+        ),
+    )
+
+
+def _generate_in_calls(context, inputs: Inputs, outputs, calls, make_item, generate) -> None:
+    """Run a diffusion method call by call (each a list of output indices) and store each call's
+    outputs as soon as it returns. Progress counts outputs, interpolated within a call."""
+    job = context.job
     done = 0
     for indices in calls:
-        items = [_target_mask(job, inputs, mask_spec, index) for index in indices]
+        items = [make_item(index) for index in indices]
 
         def on_progress(_stage, step, total, done=done, size=len(items)):
-            context.progress("generating", done + step * size // total, count)
+            context.progress("generating", done + step * size // total, job["count"])
 
-        results = o2mag.generate(
-            sd, reference_image, reference_mask, items, params, embedding=embedding, on_progress=on_progress
-        )
-        for index, result in zip(indices, results):
+        for index, result in zip(indices, generate(items, on_progress)):
             outputs.add(
                 index,
                 result.image,
                 result.mask,
+                refined_mask=getattr(result, "refined_mask", None),
                 seed=result.seed,
-                normal=job["normals"][index % normals],
-                weak_label=False,
+                normal=job["normals"][index % len(inputs.normals)],
+                weak_label=getattr(result, "weak_label", False),
             )
         done += len(items)
 

@@ -7,8 +7,9 @@ Native masks are CutPaste's: a rectangle ('cutpaste'), a thin rotated strip ('sc
 import numpy as np
 from PIL import Image
 
-from models.masks.sampling import as_bool_mask, rectangle_shape
+from models.masks.sampling import rectangle_shape
 from models.methods.params import CutPasteParams
+from models.methods.pixels import image_pixels, mask_inside
 
 # Scar sizes in CutPasteParams are in pixels of a 256-pixel image.
 SCAR_REFERENCE_SIDE = 256
@@ -28,8 +29,8 @@ def synthesize(
     normal: Image.Image, mask: np.ndarray, rng: np.random.Generator, params: CutPasteParams
 ) -> Image.Image:
     """The normal image with the mask filled from another place of itself; same size and mode."""
-    pixels = _pixels(normal)
-    inside = _inside(mask, pixels)
+    pixels = image_pixels(normal)
+    inside = mask_inside(mask, pixels)
     height, width = inside.shape
 
     # 1. The mask's bounding box, and another box of the same shape to cut from.
@@ -91,17 +92,3 @@ def _scar(rng, size, params):
     return (np.abs(across) <= strip_width / 2) & (np.abs(along) <= strip_length / 2)
 
 
-def _pixels(image: Image.Image) -> np.ndarray:
-    """uint8 (H, W, C): C is 1 for 'L', 3 for 'RGB'."""
-    if image.mode not in ("L", "RGB"):
-        raise ValueError(f"image mode {image.mode!r} is not supported: convert it to 'L' or 'RGB'")
-    return np.atleast_3d(np.asarray(image))
-
-
-def _inside(mask: np.ndarray, pixels: np.ndarray) -> np.ndarray:
-    inside = as_bool_mask(mask)
-    if inside.shape != pixels.shape[:2]:
-        raise ValueError(f"mask shape {inside.shape} differs from the image's {pixels.shape[:2]}")
-    if not inside.any():
-        raise ValueError("the mask is empty")
-    return inside

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from models.masks.sampling import as_bool_mask
 from models.methods.params import DraemParams
+from models.methods.pixels import image_pixels, mask_inside
 
 MAX_MASK_TRIES = 64
 NOISE_TEXTURE_OCTAVES = 4
@@ -98,8 +98,8 @@ def synthesize(
     textures: Sequence[Image.Image],
 ) -> Image.Image:
     """The normal image with a texture blended in where mask is True; same size and mode."""
-    pixels = _pixels(normal)
-    inside = _inside(mask, pixels)
+    pixels = image_pixels(normal)
+    inside = mask_inside(mask, pixels)
 
     texture_kind = params.texture
     if texture_kind == "auto":
@@ -129,7 +129,7 @@ def _augmented_normal(rng: np.random.Generator, textures: Sequence[Image.Image],
     for name in rng.choice(list(AUGMENTERS), size=3, replace=False):
         texture = AUGMENTERS[name](texture, rng)
     shift = (rng.integers(normal.height), rng.integers(normal.width))
-    return np.roll(_pixels(texture), shift, axis=(0, 1)).astype(np.float64)
+    return np.roll(image_pixels(texture), shift, axis=(0, 1)).astype(np.float64)
 
 
 def _noise_texture(rng: np.random.Generator, size: tuple[int, int], channels: int) -> np.ndarray:
@@ -145,15 +145,3 @@ def _noise_texture(rng: np.random.Generator, size: tuple[int, int], channels: in
     return dark + (bright - dark) * level[..., None]
 
 
-def _pixels(image: Image.Image) -> np.ndarray:
-    """uint8 (H, W, C): C is 1 for 'L', 3 for 'RGB'."""
-    if image.mode not in ("L", "RGB"):
-        raise ValueError(f"image mode {image.mode!r} is not supported: convert it to 'L' or 'RGB'")
-    return np.atleast_3d(np.asarray(image))
-
-
-def _inside(mask: np.ndarray, pixels: np.ndarray) -> np.ndarray:
-    inside = as_bool_mask(mask)
-    if inside.shape != pixels.shape[:2]:
-        raise ValueError(f"mask shape {inside.shape} differs from the image's {pixels.shape[:2]}")
-    return inside
