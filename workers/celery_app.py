@@ -4,12 +4,15 @@ celery -A workers.celery_app worker -Q gpu --concurrency 1      # one per GPU
 celery -A workers.celery_app worker -Q metrics --concurrency 2
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Each worker's prefork children share one metrics directory; it must exist before
 # prometheus_client is first imported (it picks its storage then).
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="synth-worker-metrics-")
+atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 from celery import Celery, signals  # noqa: E402
 from prometheus_client import multiprocess  # noqa: E402
