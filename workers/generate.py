@@ -43,12 +43,8 @@ def run_generate(context: JobContext) -> dict:
         foregrounds=[foreground_mask(n) for n in normals] if mask_spec.inside_foreground else None,
     )
     outputs = GenerateOutputs(context)
-    if method.family == "model-free":
-        _model_free(context, inputs, params, mask_spec, outputs)
-    elif method.name == "anogen":
-        _anogen(context, inputs, params, mask_spec, outputs)
-    else:
-        _o2mag(context, inputs, params, mask_spec, outputs)
+    generate = _model_free if method.family == "model-free" else {"anogen": _anogen, "o2mag": _o2mag}[method.name]
+    generate(context, inputs, params, mask_spec, outputs)
     context.progress("writing manifest", job["count"], job["count"])
     return outputs.finish()
 
