@@ -18,21 +18,16 @@ the pipeline. Target: 4 images/s on an H100.
 `--model-dir` reuses a saved model (a real SD 1.5 works too) instead of building one.
 """
 
-import argparse
-import platform
 import statistics
-import tempfile
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from models.diffusion.loading import StableDiffusion, fresh_scheduler, load_sd
+from bench.diffusion_setup import bench_model, diffusion_arguments, fmt, timed
+from models.diffusion.loading import StableDiffusion, fresh_scheduler
 from models.diffusion.textual_inversion import LearnedEmbedding, initial_vectors
-from models.diffusion.tiny import build_random_sd
 from models.methods import anogen
 from models.methods.params import AnoGenParams
 
@@ -42,41 +37,15 @@ TARGET_GPU_IMAGES_PER_SECOND = 4.0
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpu", action="store_true", help="SD 1.5 size on CUDA: images/s at several batch sizes")
-    parser.add_argument("--arch", choices=["tiny", "small", "sd15"], help="default: small (CPU), sd15 (--gpu)")
-    parser.add_argument("--model-dir", type=Path, help="a saved diffusers-format SD directory to use instead")
-    parser.add_argument("--device", help="default: cuda with --gpu, else cpu")
-    parser.add_argument("--resolution", type=int, help="default: 256 (CPU), 512 (--gpu)")
-    parser.add_argument("--steps", type=int, help="default: 25 (CPU), 50 (--gpu)")
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser = diffusion_arguments(__doc__)
     parser.add_argument("--batches", default="1,4,8", help="--gpu: batch sizes")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
-    arch = args.arch or ("sd15" if args.gpu else "small")
-    device = args.device or ("cuda" if args.gpu else "cpu")
-    resolution = args.resolution or (512 if args.gpu else 256)
-    steps = args.steps or (50 if args.gpu else 25)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    with tempfile.TemporaryDirectory() as scratch:
-        model_dir = args.model_dir
-        if model_dir is None:
-            started = time.perf_counter()
-            model_dir = build_random_sd(
-                Path(scratch) / arch, arch, resolution=resolution, device=device,
-                dtype=torch.float16 if device == "cuda" else torch.float32,
-            )
-            print(f"built a random {arch!r} model in {time.perf_counter() - started:.1f} s")
-        sd = load_sd(model_dir, device=device)
-        print(describe(sd, resolution, steps, args.guidance))
+    with bench_model(args) as model:
         if args.gpu:
             batches = [int(size) for size in args.batches.split(",")]
-            throughput(sd, resolution, steps, args.guidance, batches, args.repeats)
+            throughput(model.sd, model.resolution, model.steps, model.guidance, batches, args.repeats)
         else:
-            compare_with_pipeline(sd, resolution, steps, args.guidance, args.repeats)
+            compare_with_pipeline(model.sd, model.resolution, model.steps, model.guidance, args.repeats)
 
 
 def compare_with_pipeline(sd: StableDiffusion, resolution: int, steps: int, guidance: float, repeats: int) -> None:
@@ -131,30 +100,6 @@ def runners(sd: StableDiffusion, resolution: int, steps: int, guidance: float, b
                  num_images_per_prompt=batch, generator=torch.Generator().manual_seed(0))
 
     return run_anogen, run_pipeline
-
-
-def timed(run, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
-
-
-def describe(sd: StableDiffusion, resolution: int, steps: int, guidance: float) -> str:
-    millions = {name: sum(p.numel() for p in getattr(sd, name).parameters()) / 1e6
-                for name in ("unet", "vae", "text_encoder")}
-    sizes = ", ".join(f"{name} {count:.1f}M" for name, count in millions.items())
-    hardware = torch.cuda.get_device_name(sd.device) if sd.device.type == "cuda" else (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
-    return (f"model {sd.model_dir.name}: {sizes} parameters; {sd.dtype}, {hardware}\n"
-            f"{resolution}x{resolution}, {steps} DDIM steps, guidance {guidance}")
-
-
-def fmt(times: list[float]) -> str:
-    return ", ".join(f"{t:.3f}" for t in times)
 
 
 if __name__ == "__main__":

@@ -22,20 +22,16 @@ guidance 7.5, fp16 + SDPA (the production loader): the same table, with images/s
 `--model-dir` reuses a saved model (a real SD 1.5 works too) instead of building one.
 """
 
-import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from bench.bench_anogen import describe, fmt, timed
-from models.diffusion.loading import StableDiffusion, load_sd
+from bench.diffusion_setup import bench_model, diffusion_arguments, fmt, timed
+from models.diffusion.loading import StableDiffusion
 from models.diffusion.textual_inversion import LearnedEmbedding, initial_vectors
-from models.diffusion.tiny import build_random_sd
 from models.methods import anogen, o2mag
 from models.methods.params import AnoGenParams, O2MAGParams
 
@@ -44,37 +40,11 @@ AGO_TIMED_STEPS = 3
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpu", action="store_true", help="SD 1.5 size on CUDA at 512 px, 50 steps, fp16")
-    parser.add_argument("--arch", choices=["tiny", "small", "sd15"], help="default: small (CPU), sd15 (--gpu)")
-    parser.add_argument("--model-dir", type=Path, help="a saved diffusers-format SD directory to use instead")
-    parser.add_argument("--device", help="default: cuda with --gpu, else cpu")
-    parser.add_argument("--resolution", type=int, help="default: 256 (CPU), 512 (--gpu)")
-    parser.add_argument("--steps", type=int, help="default: 25 (CPU), 50 (--gpu)")
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser = diffusion_arguments(__doc__)
     parser.add_argument("--targets", type=int, default=4, help="outputs on one normal image, batched together")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
-    arch = args.arch or ("sd15" if args.gpu else "small")
-    device = args.device or ("cuda" if args.gpu else "cpu")
-    resolution = args.resolution or (512 if args.gpu else 256)
-    steps = args.steps or (50 if args.gpu else 25)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    with tempfile.TemporaryDirectory() as scratch:
-        model_dir = args.model_dir
-        if model_dir is None:
-            started = time.perf_counter()
-            model_dir = build_random_sd(
-                Path(scratch) / arch, arch, resolution=resolution, device=device,
-                dtype=torch.float16 if device == "cuda" else torch.float32,
-            )
-            print(f"built a random {arch!r} model in {time.perf_counter() - started:.1f} s")
-        sd = load_sd(model_dir, device=device)
-        print(describe(sd, resolution, steps, args.guidance))
-        compare_with_anogen(sd, resolution, steps, args.guidance, args.targets, args.repeats)
+    with bench_model(args) as model:
+        compare_with_anogen(model.sd, model.resolution, model.steps, model.guidance, args.targets, args.repeats)
 
 
 def compare_with_anogen(sd: StableDiffusion, resolution: int, steps: int, guidance: float, targets: int,
