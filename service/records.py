@@ -32,6 +32,41 @@ return 0
 """
 
 
+# Take a job for a worker: it must be queued, or running with a heartbeat older than ARGV[1] (its
+# worker died). Exclusive: two deliveries of one job can never both run it. Also files the job in
+# the running set that orphan recovery scans.
+_CLAIM = """
+local raw = redis.call('HGET', KEYS[1], 'status')
+if not raw then return -1 end
+local status = cjson.decode(raw)
+if status == 'running' then
+  local beat = cjson.decode(redis.call('HGET', KEYS[1], 'heartbeat_at') or 'null')
+  if beat ~= cjson.null and beat > tonumber(ARGV[1]) then return 0 end
+elseif status ~= 'queued' then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('SADD', KEYS[2], ARGV[2])
+return 1
+"""
+
+# Put a running job whose heartbeat is older than ARGV[1] back in the queue.
+_REQUEUE_ORPHAN = """
+local raw = redis.call('HGET', KEYS[1], 'status')
+if not raw or cjson.decode(raw) ~= 'running' then
+  redis.call('SREM', KEYS[2], ARGV[2])
+  return 0
+end
+local beat = cjson.decode(redis.call('HGET', KEYS[1], 'heartbeat_at') or 'null')
+if beat ~= cjson.null and beat > tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'status', '"queued"')
+redis.call('SREM', KEYS[2], ARGV[2])
+return 1
+"""
+
+RUNNING_SET = "jobs:running"
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -48,6 +83,8 @@ class Records:
     def __init__(self, client: redis.Redis):
         self.redis = client
         self._transition = client.register_script(_TRANSITION)
+        self._claim = client.register_script(_CLAIM)
+        self._requeue_orphan = client.register_script(_REQUEUE_ORPHAN)
 
     # -- exemplars and datasets: immutable JSON records ------------------------------------
     def put_record(self, kind: str, record: dict) -> None:
@@ -121,9 +158,32 @@ class Records:
     def update_job(self, job_id: str, **fields) -> None:
         self.redis.hset(f"job:{job_id}", mapping={k: json.dumps(v) for k, v in fields.items()})
 
+    def claim(self, job_id: str, stale_before: float, **fields) -> bool:
+        """Mark the job running for this worker (with `fields`), if it is queued or its last
+        heartbeat is older than `stale_before`."""
+        fields = {"status": "running", "heartbeat_at": now(), **fields}
+        args = [stale_before, job_id]
+        for key, value in fields.items():
+            args += [key, json.dumps(value)]
+        return self._claim(keys=[f"job:{job_id}", RUNNING_SET], args=args) == 1
+
+    def heartbeat(self, job_id: str) -> None:
+        self.redis.hset(f"job:{job_id}", "heartbeat_at", json.dumps(now()))
+
+    def requeue_orphans(self, stale_before: float) -> list[dict]:
+        """Running jobs whose worker stopped beating before `stale_before`, set back to queued."""
+        requeued = []
+        for job_id in self.redis.smembers(RUNNING_SET):
+            if self._requeue_orphan(keys=[f"job:{job_id}", RUNNING_SET], args=[stale_before, job_id]) == 1:
+                requeued.append(self.get_job(job_id))
+        return requeued
+
     def transition(self, job_id: str, allowed_from: tuple[str, ...], **fields) -> bool:
         """Set `fields` (normally including a new status) only if the status is in allowed_from."""
         args = [",".join(allowed_from)]
         for key, value in fields.items():
             args += [key, json.dumps(value)]
-        return self._transition(keys=[f"job:{job_id}"], args=args) == 1
+        done = self._transition(keys=[f"job:{job_id}"], args=args) == 1
+        if done and fields.get("status") in TERMINAL:
+            self.redis.srem(RUNNING_SET, job_id)
+        return done

@@ -57,6 +57,7 @@ class Settings:
     job_time_limit: int = 6 * 3600
     visibility_timeout: int = 6 * 3600 + 600
     worker_metrics_port: int = 9101
+    worker_heartbeat: int = 15
     artifact_url_expiry: int = 3600
 
     @classmethod
@@ -94,8 +95,14 @@ class Settings:
             job_time_limit=job_time_limit,
             visibility_timeout=visibility_timeout,
             worker_metrics_port=_int(env, "WORKER_METRICS_PORT", 9101, minimum=0),
+            worker_heartbeat=_int(env, "WORKER_HEARTBEAT", 15),
             artifact_url_expiry=_int(env, "ARTIFACT_URL_EXPIRY", 3600),
         )
+
+    @property
+    def orphan_after(self) -> int:
+        """Seconds without a heartbeat after which a running job's worker is taken for dead."""
+        return 4 * self.worker_heartbeat
 
     @property
     def auth_enabled(self) -> bool:

@@ -74,7 +74,10 @@ def isolated(tmp_path):
 
 
 def test_worker_killed_mid_job_is_redelivered_without_duplicates(isolated, tmp_path):
+    """The killed worker's job comes back through orphan recovery (its heartbeat stops), long before
+    the broker's visibility timeout (600 s here) would have redelivered it."""
     env, base, _ = isolated
+    env = dict(env, VISIBILITY_TIMEOUT="600", WORKER_HEARTBEAT="1")
     client = client_for(base, "acme")
     inputs = _inputs(client)
     count = 120
@@ -86,7 +89,7 @@ def test_worker_killed_mid_job_is_redelivered_without_duplicates(isolated, tmp_p
 
     second = start_worker(env, tmp_path / "worker2.log", queues="gpu", name="rescuer")
     try:
-        job = wait_for_job(client, job_id, timeout=120)
+        job = wait_for_job(client, job_id, timeout=90)
     finally:
         second.stop()
     assert job["status"] == "succeeded", job

@@ -29,7 +29,10 @@ app.conf.update(celery_config(settings))
 
 
 @signals.worker_ready.connect
-def _serve_metrics(**_):
+def _start_main_process_services(**_):
+    from workers.recovery import start_orphan_recovery
+
+    start_orphan_recovery(settings, app)
     if settings.worker_metrics_port:
         from workers.metrics import serve
 

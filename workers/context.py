@@ -1,6 +1,8 @@
 """What a running job sees: its record, storage, progress reporting and cancellation."""
 
 import io
+import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +11,8 @@ import numpy as np
 from PIL import Image
 
 from service.records import Records
+
+log = logging.getLogger(__name__)
 
 
 class JobCancelled(Exception):
@@ -90,3 +94,28 @@ class JobContext:
             keys.append(prefix + path.relative_to(folder).as_posix())
             self.storage.put_file(keys[-1], path)
         return keys
+
+
+class Heartbeat:
+    """While a job runs, stamps its `heartbeat_at` every `interval` seconds from a thread, so that
+    orphan recovery can tell a live worker deep in a long step from a dead one."""
+
+    def __init__(self, records: Records, job_id: str, interval: float):
+        self.records, self.job_id, self.interval = records, job_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.records.heartbeat(self.job_id)
+            except Exception as exc:  # a Redis blip must not take the job down; the next beat retries
+                log.warning("job %s: heartbeat failed: %s", self.job_id, exc)

@@ -15,7 +15,7 @@ from service.queue import QUEUE_BY_KIND
 from service.records import TERMINAL, Records, connect, now
 from service.settings import Settings
 from service.storage import open_storage
-from workers.context import JobCancelled, JobContext, JobFailed
+from workers.context import Heartbeat, JobCancelled, JobContext, JobFailed
 from workers.evaluate import run_evaluate
 from workers.finetune import run_finetune
 from workers.generate import run_generate
@@ -29,9 +29,9 @@ RUNNERS = {"evaluate": run_evaluate, "finetune": run_finetune, "generate": run_g
 
 
 @lru_cache(maxsize=1)
-def resources() -> tuple[Records, object]:
+def resources() -> tuple[Settings, Records, object]:
     settings = Settings.from_env()
-    return Records(connect(settings.redis_url)), open_storage(settings.storage_url)
+    return settings, Records(connect(settings.redis_url)), open_storage(settings.storage_url)
 
 
 def _fail(records: Records, job_id: str, code: str, message: str) -> bool:
@@ -45,7 +45,7 @@ def _fail(records: Records, job_id: str, code: str, message: str) -> bool:
 
 
 def run_job(job_id: str, time_limit: int) -> None:
-    records, storage = resources()
+    settings, records, storage = resources()
     job = records.get_job(job_id)
     if job is None or job["status"] in TERMINAL:
         log.info("job %s: nothing to do (%s)", job_id, job["status"] if job else "no record")
@@ -60,9 +60,11 @@ def run_job(job_id: str, time_limit: int) -> None:
             f"{job['progress']['stage']}); it may need more memory: try a smaller count or resolution",
         )
         return
-    if not records.transition(
-        job_id, ("queued", "running"), status="running", attempts=attempts, started_at=job["started_at"] or now()
+    # Exclusive: a second delivery of a job whose worker is alive (fresh heartbeat) gives way.
+    if not records.claim(
+        job_id, stale_before=now() - settings.orphan_after, attempts=attempts, started_at=job["started_at"] or now()
     ):
+        log.info("job %s: already running on a live worker", job_id)
         return
     job["attempts"] = attempts
     queue = QUEUE_BY_KIND[job["kind"]]
@@ -72,7 +74,8 @@ def run_job(job_id: str, time_limit: int) -> None:
     JOBS_IN_PROGRESS.labels(queue).inc()
     try:
         context = JobContext(job, records, storage)
-        result = RUNNERS[job["kind"]](context)
+        with Heartbeat(records, job_id, settings.worker_heartbeat):
+            result = RUNNERS[job["kind"]](context)
         total = context.total or job["count"]
         done = {"fraction": 1.0, "stage": "done", "done": total, "total": total}
         if records.transition(
