@@ -1,8 +1,9 @@
 """The life of one job on a worker: claim it, run its kind, record how it ended.
 
-Redeliveries are expected (a worker killed mid-job comes back through the broker): a job that
-already ended is skipped, and a job that was running starts over, overwriting its own outputs
-under the same keys, so nothing is duplicated.
+Redeliveries are expected (a killed worker's job comes back through orphan recovery or the
+broker): a job that already ended is skipped, a job whose worker still beats is left to it, and a
+job whose worker died starts over, overwriting its own outputs under the same keys, so nothing is
+duplicated.
 """
 
 import logging
@@ -51,6 +52,12 @@ def run_job(job_id: str, time_limit: int) -> None:
         log.info("job %s: nothing to do (%s)", job_id, job["status"] if job else "no record")
         return
     attempts = job.get("attempts", 0) + 1
+    # Exclusive: a second delivery of a job whose worker is alive (fresh heartbeat) gives way.
+    if not records.claim(
+        job_id, stale_before=now() - settings.orphan_after, attempts=attempts, started_at=job["started_at"] or now()
+    ):
+        log.info("job %s: already running on a live worker", job_id)
+        return
     if attempts > MAX_ATTEMPTS:
         _fail(
             records,
@@ -59,12 +66,6 @@ def run_job(job_id: str, time_limit: int) -> None:
             f"the worker died {MAX_ATTEMPTS} times while running this job (last stage: "
             f"{job['progress']['stage']}); it may need more memory: try a smaller count or resolution",
         )
-        return
-    # Exclusive: a second delivery of a job whose worker is alive (fresh heartbeat) gives way.
-    if not records.claim(
-        job_id, stale_before=now() - settings.orphan_after, attempts=attempts, started_at=job["started_at"] or now()
-    ):
-        log.info("job %s: already running on a live worker", job_id)
         return
     job["attempts"] = attempts
     queue = QUEUE_BY_KIND[job["kind"]]
