@@ -310,13 +310,17 @@ def write_mvtec_zip(
     """
     counts: dict[str, int] = {}
     folder_of = {"images": "test", "masks": "ground_truth"}
-    entries = [(f"train/good/{Path(name).name}", content) for name, content in normals]
-    for key, content in files:
-        parts = key.split("/")
-        if len(parts) >= 3 and parts[-3] in folder_of:
-            entries.append((f"{folder_of[parts[-3]]}/{parts[-2]}/{parts[-1]}", content))
+
+    def entries():  # lazily, so a large job is never all in memory
+        for name, content in normals:
+            yield f"train/good/{Path(name).name}", content
+        for key, content in files:
+            parts = key.split("/")
+            if len(parts) >= 3 and parts[-3] in folder_of:
+                yield f"{folder_of[parts[-3]]}/{parts[-2]}/{parts[-1]}", content
+
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:  # PNGs do not compress further
-        for arcname, content in entries:
+        for arcname, content in entries():
             if isinstance(content, bytes):
                 zf.writestr(arcname, content)
             else:

@@ -178,12 +178,10 @@ def list_artifacts(job_id: str, request: Request, tenant: str = Depends(current_
 
 
 def _write_export(storage, job: dict, records, out: Path) -> None:
-    files = [(obj.key, storage.get(obj.key)) for obj in storage.list(f"jobs/{job['id']}/")]
-    normals = []
-    for normal_id in job["normals"]:
-        record = records.get_record("exemplar", job["tenant"], normal_id)
-        if record is not None:
-            normals.append((f"{normal_id}.png", storage.get(record["image_key"])))
+    # Generators: each file is read from storage as it goes into the zip, one at a time.
+    files = ((obj.key, storage.get(obj.key)) for obj in storage.list(f"jobs/{job['id']}/"))
+    normal_records = (records.get_record("exemplar", job["tenant"], i) for i in job["normals"])
+    normals = ((f"{r['id']}.png", storage.get(r["image_key"])) for r in normal_records if r is not None)
     write_mvtec_zip(files, out, normals)
 
 
