@@ -41,6 +41,19 @@ def make_env(redis_url: str, storage_url: str, **extra) -> dict:
     return env
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine threads that wait on
+    each other make them far slower. A test module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def service_sd_dir(tmp_path_factory):
     """A tiny random-weight SD 1.5-architecture model in diffusers format, for the worker to load."""

@@ -10,7 +10,6 @@ direct import comes before pytest would register it for assertion rewriting.
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from models.diffusion.loading import load_sd
@@ -18,14 +17,6 @@ from models.diffusion.tiny import build_tiny_sd
 
 TINY_RESOLUTION = 64  # the smallest resolution the params allow; latents are 8x8
 
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a busy shared CPU extra threads make them thrash."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -22,9 +22,11 @@ def _inputs(client, seed=0):
     return reference["id"], normals
 
 
-def _cached_embeddings(service_env) -> list[Path]:
+def _cached_embeddings(service_env) -> dict[Path, tuple[int, int]]:
+    """Each cached AGO embedding with its inode and modification time: storage writes a new file
+    (then renames it) on every put, so a re-optimised embedding would change both."""
     root = Path(urlparse(service_env["STORAGE_URL"]).path) / "cache" / "o2mag"
-    return sorted(root.rglob("*.safetensors"))
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.rglob("*.safetensors")}
 
 
 def test_generate_from_one_reference_and_three_normals(acme, service_env):
@@ -49,7 +51,7 @@ def test_generate_from_one_reference_and_three_normals(acme, service_env):
         far = ~np.asarray(Image.fromarray(mask).filter(ImageFilter.MaxFilter(5)))
         assert np.array_equal(image[far], source[far])
 
-    # The AGO embedding of this reference was cached; a second job on it reuses it (no new file).
+    # The AGO embedding of this reference was cached; a second job on it reads it and writes nothing.
     cached = _cached_embeddings(service_env)
     assert len(cached) >= 1
     again = wait_for_job(acme, acme.post("/v1/jobs", json=body | {"count": 1}).json()["id"], timeout=120)

@@ -5,7 +5,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pydantic import ValidationError
 
@@ -13,6 +12,8 @@ from models.downstream.arms import GeneratedPair
 from models.downstream.evaluate import evaluate
 from models.downstream.metrics import SegmentationMetrics
 from models.downstream.params import EvaluateParams
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SIZE = 64
 DEFECT_VALUES = {"bright": 235, "dark": 15}
@@ -79,14 +80,6 @@ def generated_sets(tmp_path_factory):
             ))
     return sets
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One thread: on a shared 2-core machine, two threads that wait on each other are far slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

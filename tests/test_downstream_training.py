@@ -25,15 +25,8 @@ from models.downstream.train import (
 from models.downstream.unet import UNet
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One thread: on a shared 2-core machine, two threads that wait on each other are far slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("channels, size", [(1, 32), (3, 48)])
