@@ -1,25 +1,24 @@
-"""Settings from environment variables (every one is listed in README.md)."""
+"""Settings from environment variables: one pydantic-settings object, each setting written once.
 
-import os
-from dataclasses import dataclass, field
+Every field is the upper-case environment variable of its name (`max_count` <- `MAX_COUNT`), and
+every one is documented in README.md's settings table, in docker-compose.yml's `x-app-env` and in
+the Kubernetes ConfigMap (a test checks all three). An empty variable counts as unset, so compose's
+`${NAME:-}` passes the default through.
+"""
+
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Local weight directories a method may need, by setting name. The API reports a method whose
+# weights are missing as unavailable (models.weights says why), so these are read by name.
+WEIGHT_SETTINGS = ("SD_MODEL_DIR", "CONVNEXT_MODEL_DIR", "BLIP2_MODEL_DIR")
 
 
 class SettingsError(ValueError):
     """A setting is malformed; the message says which and how to fix it."""
-
-
-def _int(env, name: str, default: int, minimum: int = 1) -> int:
-    raw = env.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a whole number") from None
-    if value < minimum:
-        raise SettingsError(f"{name}={value} must be at least {minimum}")
-    return value
 
 
 def parse_api_keys(raw: str | None) -> dict[str, str]:
@@ -31,73 +30,87 @@ def parse_api_keys(raw: str | None) -> dict[str, str]:
             continue
         tenant, sep, key = item.partition(":")
         if not sep or not tenant.strip() or not key.strip():
-            raise SettingsError(f"API_KEYS entry {item!r} is not 'tenant:key'")
+            raise ValueError(f"API_KEYS entry {item!r} is not 'tenant:key'")
         if key.strip() in keys:
-            raise SettingsError("API_KEYS lists the same key twice")
+            raise ValueError("API_KEYS lists the same key twice")
         keys[key.strip()] = tenant.strip()
     return keys
 
 
-@dataclass(frozen=True)
-class Settings:
-    redis_url: str | None = None  # None: embedded (service.embedded starts one and sets REDIS_URL)
-    storage_url: str = "file://" + str(Path("data/storage").resolve())
-    api_keys: dict[str, str] = field(default_factory=dict)
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(frozen=True, env_ignore_empty=True, extra="ignore")
+
+    redis_url: str | None = Field(None, description="broker and job store; unset: `make run` starts an embedded Redis")
+    data_dir: Path = Field(Path("data"), description="embedded Redis data and default local storage")
+    storage_url: str | None = Field(None, description="file:///abs/dir or s3://bucket/prefix; default DATA_DIR/storage")
+    api_keys: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, repr=False, description="tenant:key,tenant:key; unset: no auth, loopback only"
+    )
     host: str = "127.0.0.1"
-    port: int = 8000
-    data_dir: Path = Path("data")
-    sd_model_dir: str | None = None
+    port: int = Field(8000, ge=1, le=65535)
+    sd_model_dir: str | None = Field(None, description="diffusers-format Stable Diffusion 1.5 directory")
+    convnext_model_dir: str | None = Field(None, description="transformers ConvNextModel directory (GroundingAnomaly)")
+    blip2_model_dir: str | None = Field(
+        None, description="transformers BLIP-2 directory with tokenizer and image processor (AnomalyControl)"
+    )
     inception_weights: str | None = None
     lpips_weights: str | None = None
-    device: str | None = None
-    max_image_side: int = 4096
-    max_upload_bytes: int = 20 * 1024 * 1024
-    max_count: int = 10_000
-    max_dataset_bytes: int = 2 << 30
-    job_time_limit: int = 6 * 3600
-    visibility_timeout: int = 6 * 3600 + 600
-    worker_metrics_port: int = 9101
-    worker_heartbeat: int = 15
-    artifact_url_expiry: int = 3600
+    device: Literal["cuda", "cpu"] | None = Field(None, description="the workers' device; default cuda when present")
+    downstream_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="evaluate jobs on the CPU: bf16 autocast where the CPU supports it (auto), or forced"
+    )
+    max_image_side: int = Field(4096, ge=16)
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_count: int = Field(10_000, ge=1)
+    max_dataset_bytes: int = Field(2 << 30, ge=1024)
+    job_time_limit: int = Field(6 * 3600, ge=1)
+    visibility_timeout: int | None = Field(None, ge=1, description="default JOB_TIME_LIMIT + 600")
+    worker_metrics_port: int = Field(9101, ge=0, le=65535)
+    worker_heartbeat: int = Field(15, ge=1)
+    artifact_url_expiry: int = Field(3600, ge=1)
 
+    @field_validator("api_keys", mode="before")
     @classmethod
-    def from_env(cls, env=None) -> "Settings":
-        env = os.environ if env is None else env
-        data_dir = Path(env.get("DATA_DIR") or "data").resolve()
-        job_time_limit = _int(env, "JOB_TIME_LIMIT", 6 * 3600)
-        visibility_timeout = _int(env, "VISIBILITY_TIMEOUT", job_time_limit + 600)
-        if visibility_timeout <= job_time_limit:
-            raise SettingsError(
-                f"VISIBILITY_TIMEOUT={visibility_timeout} must exceed JOB_TIME_LIMIT={job_time_limit}: "
+    def _parse_api_keys(cls, raw):
+        return parse_api_keys(raw) if isinstance(raw, str) else raw
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        return path.resolve()
+
+    @model_validator(mode="after")
+    def _derived_defaults(self):
+        # The model is frozen; derived defaults are filled in once, here.
+        if self.storage_url is None:
+            object.__setattr__(self, "storage_url", "file://" + str(self.data_dir / "storage"))
+        if not self.storage_url.startswith(("file://", "s3://")):
+            raise ValueError(f"STORAGE_URL={self.storage_url!r} must start with file:// or s3://")
+        if self.visibility_timeout is None:
+            object.__setattr__(self, "visibility_timeout", self.job_time_limit + 600)
+        if self.visibility_timeout <= self.job_time_limit:
+            raise ValueError(
+                f"VISIBILITY_TIMEOUT={self.visibility_timeout} must exceed JOB_TIME_LIMIT={self.job_time_limit}: "
                 "otherwise Redis hands a still-running job to a second worker"
             )
-        storage_url = env.get("STORAGE_URL") or "file://" + str(data_dir / "storage")
-        if not storage_url.startswith(("file://", "s3://")):
-            raise SettingsError(f"STORAGE_URL={storage_url!r} must start with file:// or s3://")
-        device = env.get("DEVICE") or None
-        if device not in (None, "cuda", "cpu"):
-            raise SettingsError(f"DEVICE={device!r} must be 'cuda' or 'cpu'")
-        return cls(
-            redis_url=env.get("REDIS_URL") or None,
-            storage_url=storage_url,
-            api_keys=parse_api_keys(env.get("API_KEYS")),
-            host=env.get("HOST") or "127.0.0.1",
-            port=_int(env, "PORT", 8000),
-            data_dir=data_dir,
-            sd_model_dir=env.get("SD_MODEL_DIR") or None,
-            inception_weights=env.get("INCEPTION_WEIGHTS") or None,
-            lpips_weights=env.get("LPIPS_WEIGHTS") or None,
-            device=device,
-            max_image_side=_int(env, "MAX_IMAGE_SIDE", 4096, minimum=16),
-            max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 20 * 1024 * 1024, minimum=1024),
-            max_count=_int(env, "MAX_COUNT", 10_000),
-            max_dataset_bytes=_int(env, "MAX_DATASET_BYTES", 2 << 30, minimum=1024),
-            job_time_limit=job_time_limit,
-            visibility_timeout=visibility_timeout,
-            worker_metrics_port=_int(env, "WORKER_METRICS_PORT", 9101, minimum=0),
-            worker_heartbeat=_int(env, "WORKER_HEARTBEAT", 15),
-            artifact_url_expiry=_int(env, "ARTIFACT_URL_EXPIRY", 3600),
-        )
+        return self
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        """The settings of this process's environment; SettingsError names what is malformed."""
+        try:
+            return cls()
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in error['loc']).upper() or 'settings'}: {error['msg']}"
+                for error in exc.errors()
+            )
+            raise SettingsError(problems) from None
+
+    @property
+    def weight_dirs(self) -> dict[str, str | None]:
+        """The local weight directories, by setting name (WEIGHT_SETTINGS)."""
+        return {name: getattr(self, name.lower()) for name in WEIGHT_SETTINGS}
 
     @property
     def orphan_after(self) -> int:
