@@ -8,7 +8,7 @@ import numpy as np
 from fastapi import UploadFile
 from PIL import Image
 
-from service.errors import ApiError
+from service.errors import ApiError, echo
 
 ACCEPTED_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "BMP": "bmp", "TIFF": "tiff"}
 # Modes we convert losslessly (or by dropping alpha) to the two modes the methods work in.
@@ -29,9 +29,9 @@ class DecodedImage:
 async def read_upload(upload: UploadFile, field: str, max_bytes: int) -> bytes:
     data = await upload.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise ApiError(413, "file_too_large", f"{field} ({upload.filename}) is over the {max_bytes}-byte limit")
+        raise ApiError(413, "file_too_large", f"{field} ({echo(upload.filename)}) is over the {max_bytes}-byte limit")
     if not data:
-        raise ApiError(400, "empty_file", f"{field} ({upload.filename}) is empty")
+        raise ApiError(400, "empty_file", f"{field} ({echo(upload.filename)}) is empty")
     return data
 
 

@@ -5,20 +5,33 @@ in the slim API image. Unknown names are rejected (``extra="forbid"``): a typo i
 silently ignored knob.
 """
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 FloatRange = tuple[float, float]
+# Mask specs arrive inside the job body, which is validated as Python objects: these keep "3" or
+# true from passing for a number there (method params are validated strictly as JSON at submit).
+StrictRange = tuple[StrictFloat, StrictFloat]
+Pixel = Annotated[StrictInt, Field(ge=0, le=1 << 16)]
+# Aspect ratios (width / height) beyond these are slivers one pixel wide at any image size.
+ASPECT_LIMITS = (0.01, 100.0)
+MAX_JITTER_SCALE = 4.0  # times the exemplar's own size: bounds the patch a jittered mask is drawn on
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown names are a 422; so are infinities and NaN, which no knob means.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _ordered(rng: FloatRange, name: str) -> None:
     if rng[0] > rng[1]:
         raise ValueError(f"{name}: the lower bound {rng[0]} is above the upper bound {rng[1]}")
+
+
+def _within(rng: FloatRange, name: str, low: float, high: float) -> None:
+    if not (low <= rng[0] and rng[1] <= high):
+        raise ValueError(f"{name} must lie in [{low:g}, {high:g}]")
 
 
 class MaskSpec(StrictModel):
@@ -31,27 +44,34 @@ class MaskSpec(StrictModel):
         "inside the product's foreground; box: rectangles; given: the masks of the exemplars "
         "listed in `masks`, used as they are. Default: the method's `default_mask_source`.",
     )
-    scale: FloatRange = Field(default=(0.75, 1.25), description="exemplar jitter: scale range")
-    rotation: float = Field(default=180.0, ge=0, le=180, description="exemplar jitter: max |angle| in degrees")
-    box_area: FloatRange = Field(default=(0.01, 0.06), description="box: area as a fraction of the image")
-    box_aspect: FloatRange = Field(default=(0.3, 3.3), description="box: width/height ratio range")
-    boxes: list[tuple[int, int, int, int]] | None = Field(
-        default=None, description="box: fixed boxes (x0, y0, x1, y1) in pixels, used in turn"
+    scale: StrictRange = Field(default=(0.75, 1.25), description="exemplar jitter: scale range, within (0, 4]")
+    rotation: StrictFloat = Field(default=180.0, ge=0, le=180, description="exemplar jitter: max |angle| in degrees")
+    box_area: StrictRange = Field(default=(0.01, 0.06), description="box: area as a fraction of the image")
+    box_aspect: StrictRange = Field(
+        default=(0.3, 3.3), description="box: width/height ratio range, within [0.01, 100]"
     )
-    masks: list[str] = Field(default_factory=list, description="given: exemplar ids whose masks are used")
-    inside_foreground: bool = Field(default=True, description="keep targets on the product, not its background")
+    boxes: list[tuple[Pixel, Pixel, Pixel, Pixel]] | None = Field(
+        default=None,
+        max_length=10_000,
+        description="box: fixed boxes (x0, y0, x1, y1) in pixels, used in turn; inside every normal image",
+    )
+    masks: list[Annotated[StrictStr, Field(max_length=64)]] = Field(
+        default_factory=list, max_length=1000, description="given: exemplar ids whose masks are used"
+    )
+    inside_foreground: StrictBool = Field(
+        default=True, description="keep targets on the product, not its background"
+    )
 
     @model_validator(mode="after")
     def _check(self):
         _ordered(self.scale, "scale")
         _ordered(self.box_area, "box_area")
         _ordered(self.box_aspect, "box_aspect")
-        if not 0 < self.scale[0]:
-            raise ValueError("scale must be positive")
+        if not (0 < self.scale[0] and self.scale[1] <= MAX_JITTER_SCALE):
+            raise ValueError(f"scale must lie in (0, {MAX_JITTER_SCALE:g}]")
         if not (0 < self.box_area[0] and self.box_area[1] <= 1):
             raise ValueError("box_area must lie in (0, 1]")
-        if not 0 < self.box_aspect[0]:
-            raise ValueError("box_aspect must be positive")
+        _within(self.box_aspect, "box_aspect", *ASPECT_LIMITS)
         for box in self.boxes or []:
             x0, y0, x1, y1 = box
             if x0 < 0 or y0 < 0 or x1 <= x0 or y1 <= y0:
@@ -92,9 +112,9 @@ class CutPasteParams(StrictModel):
         default="mixed", description="cutpaste: large rectangles; scar: thin rotated strips; mixed: either"
     )
     area: FloatRange = Field(default=(0.02, 0.15), description="native patches: area fraction range")
-    aspect: FloatRange = Field(default=(0.3, 3.3), description="native patches: width/height range")
-    scar_width: tuple[int, int] = Field(default=(2, 16), description="scar width in pixels at 256 px")
-    scar_length: tuple[int, int] = Field(default=(10, 25), description="scar length in pixels at 256 px")
+    aspect: FloatRange = Field(default=(0.3, 3.3), description="native patches: width/height range, in [0.01, 100]")
+    scar_width: tuple[int, int] = Field(default=(2, 16), description="scar width in pixels at 256 px, at most 256")
+    scar_length: tuple[int, int] = Field(default=(10, 25), description="scar length in pixels at 256 px, at most 512")
     color_jitter: float = Field(default=0.1, ge=0, le=1, description="brightness/contrast jitter of the patch")
 
     @model_validator(mode="after")
@@ -103,10 +123,12 @@ class CutPasteParams(StrictModel):
         _ordered(self.aspect, "aspect")
         if not (0 < self.area[0] and self.area[1] <= 1):
             raise ValueError("area must lie in (0, 1]")
-        for name in ("scar_width", "scar_length"):
+        _within(self.aspect, "aspect", *ASPECT_LIMITS)
+        # At most the whole 256 px reference side wide, and its diagonal and more long.
+        for name, most in (("scar_width", 256), ("scar_length", 512)):
             low, high = getattr(self, name)
-            if not 1 <= low <= high:
-                raise ValueError(f"{name} must satisfy 1 <= low <= high")
+            if not 1 <= low <= high <= most:
+                raise ValueError(f"{name} must satisfy 1 <= low <= high <= {most}")
         return self
 
 

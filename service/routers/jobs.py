@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from models.downstream.mvtec import write_mvtec_zip
 from service.auth import current_tenant
-from service.errors import ApiError, describe_validation_errors
+from service.errors import ApiError, describe_validation_errors, echo
 from service.metrics import JOBS_SUBMITTED
 from service.records import TERMINAL, now
 from service.schemas import (
@@ -43,7 +43,7 @@ def public_job(job: dict) -> dict:
 def _owned_job(request: Request, tenant: str, job_id: str) -> dict:
     job = request.app.state.records.get_job(job_id, tenant)
     if job is None:  # another tenant's job is "not found" too: its existence is not disclosed
-        raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+        raise ApiError(404, "job_not_found", f"no job {echo(job_id)}")
     return job
 
 
@@ -95,6 +95,8 @@ async def create_generate_job_from_files(
             parsed[field] = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise ApiError(422, "invalid_params", f"{field} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ApiError(422, "invalid_params", f"{field} is nested too deeply") from None
         if not isinstance(parsed[field], dict):
             raise ApiError(422, "invalid_params", f"{field} must be a JSON object")
     anomaly = await validate_exemplar(state.settings, tenant, image, mask, product, defect)
@@ -214,9 +216,9 @@ def download_artifact(job_id: str, key: str, request: Request, tenant: str = Dep
     try:
         check_key(key)
     except StorageError:
-        raise ApiError(404, "artifact_not_found", f"no artifact {key!r}") from None
+        raise ApiError(404, "artifact_not_found", f"no artifact {echo(key)}") from None
     if not key.startswith(_artifact_prefixes(job_id)) or not storage.exists(key):
-        raise ApiError(404, "artifact_not_found", f"no artifact {key!r}")
+        raise ApiError(404, "artifact_not_found", f"no artifact {echo(key)}")
     media_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
     if isinstance(storage, LocalStorage):
         return FileResponse(storage.local_path(key), media_type=media_type)
