@@ -2,6 +2,9 @@
 
 import io
 import json
+import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +29,25 @@ def _sixteen_bit() -> bytes:
     return buf.getvalue()
 
 
+def _png_16_bit(channels: int) -> bytes:
+    """A 16-bit PNG written by hand: Pillow reads 16-bit RGB but cannot write it."""
+    height, width = 64, 80
+    rows = np.random.default_rng(1).integers(0, 1 << 16, (height, width * channels)).astype(">u2")
+    raw = b"".join(b"\0" + row.tobytes() for row in rows)  # filter type 0 on every row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2 if channels == 3 else 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _tiff_16_bit() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(product_image(64, 80).astype(np.uint16) * 256).save(buf, format="TIFF")
+    return buf.getvalue()
+
+
 def _huge_file() -> bytes:  # incompressible noise, just over the upload limit
     side = int((MAX_UPLOAD_BYTES / 3) ** 0.5) + 20
     return png_bytes(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8))
@@ -37,6 +59,10 @@ UPLOAD_CASES = {
     "truncated png": (dict(image=IMAGE[: len(IMAGE) // 2]), 400, "invalid_image"),
     "empty file": (dict(image=b""), 400, "empty_file"),
     "16-bit image": (dict(image=_sixteen_bit()), 415, "unsupported_image_mode"),
+    "16-bit grey PNG": (dict(image=_png_16_bit(1)), 415, "unsupported_image_mode"),
+    "16-bit RGB PNG": (dict(image=_png_16_bit(3)), 415, "unsupported_image_mode"),
+    "16-bit grey TIFF": (dict(image=_tiff_16_bit(), name="a.tif"), 415, "unsupported_image_mode"),
+    "16-bit RGB PNG mask": (dict(image=IMAGE, mask=_png_16_bit(3), defect="dent"), 415, "unsupported_image_mode"),
     "giant image": (dict(image=png_bytes(np.zeros((8, MAX_IMAGE_SIDE + 1), np.uint8))), 413, "image_too_large"),
     "file over the byte limit": (dict(image=_huge_file()), 413, "file_too_large"),
     "mask size mismatch": (
@@ -250,3 +276,34 @@ def test_missing_or_wrong_key(api_url, headers, code):
         401,
         code,
     )
+
+
+def _with_orientation(array: np.ndarray, fmt: str, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied_to_images_and_masks(acme, service_env):
+    """A phone JPEG stored sideways with Orientation 6 ("rotate 90 degrees clockwise to view"): the
+    service keeps it upright, and a mask drawn on the upright view matches it, with or without
+    its own EXIF."""
+    storage = Path(service_env["STORAGE_URL"].removeprefix("file://"))
+    upright = product_image(80, 64)  # 64 wide, 80 tall as seen
+    upright[:10, :10] = 255  # a mark in the top-left corner of the upright view
+    sideways = np.rot90(upright, 1)  # stored as the camera took it: 80 wide, 64 tall
+    mask = defect_mask(80, 64)
+    for image, mask_bytes in [
+        (_with_orientation(sideways, "JPEG", 6), png_bytes(mask)),
+        (png_bytes(upright), _with_orientation(np.rot90(mask, 1).copy(), "PNG", 6)),
+    ]:
+        response = upload(acme, image, mask_bytes, defect="dent", name="phone.jpg")
+        assert response.status_code == 201, response.text
+        record = response.json()
+        assert (record["width"], record["height"]) == (64, 80)
+        stored = np.asarray(Image.open(storage / "exemplars" / record["id"] / "image.png"))
+        assert stored[:10, :10].mean() > 200 and stored[-10:, -10:].mean() < 200
+        stored_mask = np.asarray(Image.open(storage / "exemplars" / record["id"] / "mask.png"))
+        assert np.array_equal(stored_mask > 0, mask > 0)
