@@ -1,16 +1,16 @@
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 
 from models.methods.registry import METHODS
-from service.auth import current_tenant
+from service.deps import SettingsDep, Tenant
 from service.schemas import MethodList
 
 router = APIRouter(prefix="/v1/methods", tags=["methods"])
 
 
 @router.get("", response_model=MethodList)
-def list_methods(request: Request, _: str = Depends(current_tenant)):
+def list_methods(_: Tenant, settings: SettingsDep):
     """Every method, whether it can run with this deployment's weights, and its parameter schema."""
-    sd_model_dir = request.app.state.settings.sd_model_dir
+    sd_model_dir = settings.sd_model_dir
     items = []
     for method in METHODS.values():
         reason = method.unavailable_reason(sd_model_dir)
