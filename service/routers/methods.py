@@ -2,12 +2,12 @@ from fastapi import APIRouter
 
 from models.methods.registry import METHODS
 from service.deps import SettingsDep, Tenant
-from service.schemas import MethodList
+from service.schemas import ErrorResponse, MethodList
 
 router = APIRouter(prefix="/v1/methods", tags=["methods"])
 
 
-@router.get("", response_model=MethodList)
+@router.get("", response_model=MethodList, responses={401: {"model": ErrorResponse}})
 def list_methods(_: Tenant, settings: SettingsDep):
     """Every method, whether it can run with this deployment's weights, and its parameter schema."""
     sd_model_dir = settings.sd_model_dir
