@@ -1,13 +1,24 @@
 """Exemplar uploads: validate every file first, store only when all of them are good."""
 
+import os
 from dataclasses import dataclass
+from functools import partial
 
+import anyio
 from fastapi import UploadFile
-from starlette.concurrency import run_in_threadpool
 
 from service.errors import ApiError
 from service.images import DecodedImage, decode_image, decode_mask, read_upload
 from service.records import new_id, now
+
+# Decoding (and re-encoding) an image is seconds of CPU for a 4096 px upload. It runs in threads,
+# off the event loop, and at most this many at once, so that a burst of uploads leaves a core to the
+# loop and the request threads.
+DECODE_LIMITER = anyio.CapacityLimiter(max(1, (os.cpu_count() or 2) - 1))
+
+
+async def _decode(function, *args):
+    return await anyio.to_thread.run_sync(partial(function, *args), limiter=DECODE_LIMITER)
 
 
 @dataclass
@@ -34,11 +45,11 @@ async def validate_exemplar(
         raise ApiError(422, "mask_required", f"defect {defect!r} needs its `mask` file")
     data = await read_upload(image, field, settings.max_upload_bytes)
     # Decoding is CPU work (a 4096 px JPEG takes a second): in the thread pool, off the event loop.
-    decoded = await run_in_threadpool(decode_image, data, field, settings.max_image_side)
+    decoded = await _decode(decode_image, data, field, settings.max_image_side)
     decoded_mask = None
     if mask is not None:
         mask_data = await read_upload(mask, "mask", settings.max_upload_bytes)
-        decoded_mask = await run_in_threadpool(decode_mask, mask_data, "mask", decoded.size, settings.max_image_side)
+        decoded_mask = await _decode(decode_mask, mask_data, "mask", decoded.size, settings.max_image_side)
     exemplar_id = new_id()
     record = {
         "id": exemplar_id,
