@@ -50,6 +50,8 @@ def _request(context: JobContext, spec, scratch: Path) -> GenerateRequest:
         given_masks=[context.load_exemplar(i).mask for i in masks.masks],
         normals=normals,
         items=job_items(job["count"], job["seed"], len(normals), len(exemplars)),
+        product=job["product"],
+        defect=job["defect"],
         adapter_dir=adapter_dir,
         cache=StorageCache(context.storage, f"cache/{job['method']}/{job['tenant']}/"),
         weight_dirs=context.settings.weight_dirs,

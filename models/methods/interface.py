@@ -167,6 +167,8 @@ class GenerateRequest:
     given_masks: list[np.ndarray]  # for the 'given' source
     normals: NormalImages
     items: list[Item]  # every pair of the job, in index order
+    product: str | None = None  # the job's product (default: its exemplars' or normals')
+    defect: str | None = None  # the defect type the job makes (default: its first exemplar's)
     adapter_dir: Path | None = None  # a fine-tune job's adapter, for methods that need one
     cache: Cache | None = None
     weight_dirs: dict[str, str | None] = field(default_factory=dict)  # setting name -> local directory
