@@ -131,10 +131,10 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
         raise ApiError(
             422, "unsupported_kind", f"{method.name} runs {' and '.join(method.kinds)} jobs, not {body.kind}"
         )
-    reason = method.unavailable_reason(settings.sd_model_dir)
+    reason = method.unavailable_reason(settings.weight_dirs)
     if reason:
         raise ApiError(409, "method_unavailable", f"{method.name} is not available here: {reason}")
-    params = validated_params(method.params_model, body.params)
+    params = validated_params(method.params, body.params)
     if body.count > settings.max_count:
         raise ApiError(422, "count_too_large", f"count {body.count} is over the limit of {settings.max_count}")
 
@@ -143,12 +143,16 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
     check_boxes_fit(body.masks, normals)
     if body.kind == "generate" and not normals:
         raise ApiError(422, "normals_required", "a generate job needs at least one normal image in `normals`")
-    if method.family == "training-free" and len(exemplars) != 1:
+    if body.kind == "generate" and method.generate_needs_references and not exemplars:
         raise ApiError(
-            422, "one_reference_required", f"{method.name} takes exactly one reference anomaly in `exemplars`"
+            422, "references_required", f"{method.name} copies reference anomalies: list at least one in `exemplars`"
         )
     if body.kind == "finetune" and not exemplars:
         raise ApiError(422, "exemplars_required", "a fine-tune job needs at least one exemplar in `exemplars`")
+    if body.kind == "finetune" and method.finetune_needs_normals and not normals:
+        raise ApiError(
+            422, "normals_required", f"{method.name} fine-tunes on normal images too: list some in `normals`"
+        )
 
     masks = body.masks.model_copy(update={"source": body.masks.source or method.default_mask_source})
     if masks.source not in method.mask_sources:
