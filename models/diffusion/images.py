@@ -74,7 +74,21 @@ def decode(sd: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
     return sd.vae.decode(scaled.to(sd.device, sd.dtype)).sample.float().clamp(-1, 1)
 
 
-def border_fade(mask: np.ndarray, band: int) -> np.ndarray:
+def fade_into_normal(normal: Image.Image, pixels: torch.Tensor, mask: np.ndarray, band: int) -> Image.Image:
+    """The generated `pixels` (3, h, w) on `mask`, fading into the `normal` image's across a `band`
+    pixels wide ring on the mask's border (a hard cut would leave a seam, a cue a defect segmenter
+    could learn), the normal's beyond: an image of the normal's size and mode. The ring reaches at
+    most LABEL_BAND pixels outside the mask (the label contract's blend band) and lies inside it
+    for the rest."""
+    array = np.asarray(normal)
+    generated = pixels_to_array(pixels, normal.size, normal.mode)
+    weight = _border_fade(np.asarray(mask) > 0, band)
+    if array.ndim == 3:
+        weight = weight[..., None]
+    return Image.fromarray(np.round(weight * generated + (1 - weight) * array).astype(np.uint8))  # 0: normal exactly
+
+
+def _border_fade(mask: np.ndarray, band: int) -> np.ndarray:
     """float32 (H, W): 1 on the mask's core, falling linearly (chessboard distance) to 0 at most
     LABEL_BAND pixels outside the mask. The core is the mask eroded by the band's inner part
     (band - LABEL_BAND pixels), less where the mask is too thin to keep a core."""

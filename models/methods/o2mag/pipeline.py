@@ -67,14 +67,13 @@ from safetensors.torch import save_file
 
 from models.diffusion.attention import AttentionLayer, UNetAttention, attention_layers, attention_processors
 from models.diffusion.images import (
-    border_fade,
     check_mask,
     check_mode,
     decode,
     encode,
+    fade_into_normal,
     image_to_pixels,
     mask_to_latent,
-    pixels_to_array,
 )
 from models.diffusion.loading import StableDiffusion, fresh_scheduler
 from models.diffusion.sampling import StepCallback, ddim_invert, ddim_sample, encode_prompts
@@ -434,18 +433,11 @@ def _masked_diffusion_loss(sd, scheduler, latents, mask, embedding, t, noise) ->
 
 
 def _composite(item: O2MAGItem, pixels: torch.Tensor, band: int) -> O2MAGResult:
-    """The generated pixels on M_T, fading into the normal image's across a `band` pixels wide
-    ring on M_T's border (a hard cut would leave a seam, a cue a defect segmenter could learn),
-    the normal's beyond. The ring reaches at most LABEL_BAND pixels outside M_T (the label
-    contract's blend band) and lies inside M_T for the rest."""
-    normal = np.asarray(item.normal)
-    generated = pixels_to_array(pixels, item.normal.size, item.normal.mode)
-    target = np.asarray(item.target_mask) > 0
-    weight = border_fade(target, band)
-    if normal.ndim == 3:
-        weight = weight[..., None]
-    image = np.round(weight * generated + (1 - weight) * normal).astype(np.uint8)  # weight 0: normal exactly
-    return O2MAGResult(image=Image.fromarray(image), mask=target.astype(np.uint8) * 255, seed=item.seed)
+    """The generated pixels on M_T, fading into the normal image across a `band` pixels wide ring
+    on M_T's border (at most LABEL_BAND of them outside M_T), the normal's beyond."""
+    image = fade_into_normal(item.normal, pixels, item.target_mask, band)
+    mask = (np.asarray(item.target_mask) > 0).astype(np.uint8) * 255
+    return O2MAGResult(image=image, mask=mask, seed=item.seed)
 
 
 def _group_by_normal(items: list[O2MAGItem]) -> list[list[int]]:
