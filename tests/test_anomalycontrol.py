@@ -21,6 +21,7 @@ from models.methods.anomalycontrol import method as anomalycontrol_method
 from models.methods.anomalycontrol.csm import load_blip2, semantic_features
 from models.methods.anomalycontrol.sga import WEIGHTS_FILE, SemanticGuidedAdapter
 from models.methods.interface import (
+    Checkpoints,
     Exemplar,
     GenerateRequest,
     NormalImages,
@@ -144,6 +145,29 @@ def test_training_moves_only_the_adapters_keys_and_values(tiny_sd, blip2, refere
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["gamma"] == 1.0 and config["templates"]["text"] == "This is an image with {defect}"
     assert config["sd_fingerprint"] and config["blip2_fingerprint"]
+
+
+def test_a_resumed_fine_tune_ends_exactly_where_the_uninterrupted_one_does(tiny_sd, blip2, reference, tmp_path):
+    params = PARAMS.model_copy(update={"train_steps": 4})
+    uninterrupted = pipeline.finetune(tiny_sd, blip2, [reference], params, seed=1, out_dir=tmp_path / "once")
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_three(_stage, done, _total):
+        if done == 3:
+            raise Crash
+
+    checkpoints = Checkpoints(tmp_path / "checkpoints", every=2)
+    with pytest.raises(Crash):
+        pipeline.finetune(tiny_sd, blip2, [reference], params, seed=1, out_dir=tmp_path / "crashed",
+                          checkpoints=checkpoints, on_progress=crash_at_three)
+    assert all(isinstance(p, AttnProcessor2_0) for p in tiny_sd.unet.attn_processors.values())
+    progress = []
+    resumed = pipeline.finetune(tiny_sd, blip2, [reference], params, seed=1, out_dir=tmp_path / "resumed",
+                                checkpoints=checkpoints, on_progress=lambda _s, done, _t: progress.append(done))
+    assert progress == [3, 4]  # on from the step-2 checkpoint
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), uninterrupted.parameters()))
 
 
 def test_the_cfg_dropout_rates_are_honoured():

@@ -15,8 +15,7 @@ import string
 from pathlib import Path
 
 import torch
-from transformers import BertTokenizer, Blip2Config, Blip2ForImageTextRetrieval
-from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+from transformers import BertTokenizer, Blip2Config, Blip2ForImageTextRetrieval, BlipImageProcessorPil
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # Whole-word tokens for the prompt templates and a few defect names; any other word still

@@ -28,8 +28,11 @@ class AnomalyControlParams(FinetuneParams):
         description="fine-tune: share of training images that drop the text alone, the cross-modal features "
         "alone (set to zeros), and both, so that classifier-free guidance has its unconditional prediction",
     )
-    gamma: float = Field(default=1.0, ge=0.0, le=4.0,
-                         description="weight of the adapter's attention beside the text's (0: the plain SD UNet)")
+    gamma: float | None = Field(
+        default=None, ge=0.0, le=4.0,
+        description="weight of the adapter's attention beside the text's (0: the plain SD UNet); fine-tune: "
+        "default 1 (the paper's), recorded in the adapter; generate: default the adapter's",
+    )
     asea_steps: int = Field(default=3, ge=0, le=50,
                             description="ASEA: gradient steps on the guidance variable (the paper's T_g = 3)")
     asea_step_size: float = Field(

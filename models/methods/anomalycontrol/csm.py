@@ -41,7 +41,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer, Blip2ForImageTextRetrieval
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    BaseImageProcessor,
+    Blip2ForImageTextRetrieval,
+    PreTrainedTokenizerBase,
+)
 
 from models.diffusion.images import check_mask, check_mode, mask_to_latent
 from models.diffusion.loading import ModelUnavailable
@@ -56,8 +62,8 @@ class Blip2:
 
     model_dir: Path
     model: Blip2ForImageTextRetrieval
-    tokenizer: object  # the directory's BERT tokenizer
-    image_processor: object  # the directory's BLIP image processor
+    tokenizer: PreTrainedTokenizerBase  # the directory's BERT tokenizer
+    image_processor: BaseImageProcessor  # the directory's BLIP image processor (PIL backend: no torchvision)
     device: torch.device
 
     @property
