@@ -107,6 +107,8 @@ def _load(model_dir: Path, device: torch.device) -> Blip2:
     )
     # Another BLIP-2 (e.g. a captioning one) loads as this class with the Q-Former's text parts left random.
     missing = sorted(key for key in info["missing_keys"] if key.startswith(("embeddings.", "qformer.", "query_tokens")))
+    if not model.config.qformer_config.use_qformer_text_input:
+        missing.insert(0, "use_qformer_text_input is off in its config")
     if missing:
         raise ModelUnavailable(
             f"BLIP2_MODEL_DIR {model_dir} lacks the Q-Former's text input ({', '.join(missing[:3])}, ...): it needs "
