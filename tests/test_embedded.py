@@ -10,8 +10,8 @@ import sys
 import httpx
 
 from tests.conftest import defect_mask, png_bytes, product_image, wait_for_job
+from tests.long_jobs import long_job, running_with_progress
 from tests.processes import ROOT, free_port, wait_until
-from tests.test_job_lifecycle import _long_job, _running_with_progress
 
 
 def _start(data_dir, port, **extra_env):
@@ -128,8 +128,8 @@ def test_embedded_service_restarts_what_dies_and_recovers_the_running_job(tmp_pa
             data={"product": "p"},
         ).json()["id"]
         count = 150
-        job_id = _long_job(client, (anomaly, normal), count=count)
-        wait_until(lambda: _running_with_progress(client, job_id), 60, "the job to run")
+        job_id = long_job(client, (anomaly, normal), count=count)
+        wait_until(lambda: running_with_progress(client, job_id), 60, "the job to run")
 
         os.killpg(worker_pid, signal.SIGKILL)
         wait_until(lambda: _restarted(log_path, "gpu worker", worker_pid), 30, "the gpu worker to restart")

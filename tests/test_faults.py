@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from tests.conftest import client_for, make_env, png_bytes, product_image, upload
+from tests.long_jobs import long_job, long_job_inputs, running_with_progress
 from tests.processes import start_api, start_redis, start_worker, wait_until
-from tests.test_job_lifecycle import _inputs, _long_job, _running_with_progress
 
 
 @pytest.fixture()
@@ -63,8 +63,9 @@ def test_with_redis_unreachable_data_routes_are_503_within_2_s_and_health_stays_
             assert response.status_code == 503, (name, response.text)
             assert response.json()["error"]["code"] == "store_unavailable", name
             assert seconds < 2.0, (name, seconds)
+            # Health never waits on Redis: waiting would cost at least its 0.5 s timeout twice over.
             health, health_seconds = _timed(lambda: httpx.get(base + "/healthz", timeout=5))
-            assert health.status_code == 200 and health_seconds < 0.5, health_seconds
+            assert health.status_code == 200 and health_seconds < 1.0, health_seconds
         ready = httpx.get(base + "/readyz", timeout=10)
         assert ready.status_code == 503
         assert ready.json()["error"]["checks"]["redis"].startswith("down")
@@ -81,10 +82,10 @@ def test_with_redis_unreachable_data_routes_are_503_within_2_s_and_health_stays_
 def test_cancelling_a_job_whose_worker_died_cancels_it_at_once(own_service, tmp_path):
     env, base, _ = own_service
     client = client_for(base, "acme")
-    inputs = _inputs(client)
+    inputs = long_job_inputs(client)
     worker = start_worker(dict(env, WORKER_HEARTBEAT="1"), tmp_path / "worker.log", queues="gpu", name="doomed")
-    job_id = _long_job(client, inputs, count=5000)
-    wait_until(lambda: _running_with_progress(client, job_id), 30, "the job to run")
+    job_id = long_job(client, inputs, count=5000)
+    wait_until(lambda: running_with_progress(client, job_id), 30, "the job to run")
     worker.kill()  # SIGKILL: no live worker is left to see the cancel request
     # Its heartbeat is still fresh: it might be alive, so it is only asked to stop at its next step.
     response = client.delete(f"/v1/jobs/{job_id}")

@@ -6,45 +6,16 @@ import shutil
 import pytest
 import redis
 
-from tests.conftest import client_for, defect_mask, make_env, png_bytes, product_image, upload, wait_for_job
+from tests.conftest import client_for, make_env, wait_for_job
+from tests.long_jobs import long_job, long_job_inputs, running_with_progress
 from tests.processes import start_api, start_redis, start_worker, wait_until
-
-BIG = 384  # big enough that a few hundred pairs take seconds
-
-
-def _inputs(client):
-    anomaly = upload(client, png_bytes(product_image(BIG, BIG)), png_bytes(defect_mask(BIG, BIG)), defect="pit").json()
-    normal = upload(client, png_bytes(product_image(BIG, BIG, seed=5))).json()
-    return anomaly["id"], normal["id"]
-
-
-def _long_job(client, inputs, count=5000):
-    anomaly, normal = inputs
-    response = client.post(
-        "/v1/jobs",
-        json={
-            "kind": "generate",
-            "method": "draem",
-            "exemplars": [anomaly],
-            "normals": [normal],
-            "count": count,
-            "masks": {"source": "exemplar"},
-        },
-    )
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
-
-
-def _running_with_progress(client, job_id):
-    job = client.get(f"/v1/jobs/{job_id}").json()
-    return job if job["status"] == "running" and job["progress"]["done"] > 0 else None
 
 
 def test_cancel_running_and_queued_jobs(acme):
-    inputs = _inputs(acme)
-    running = _long_job(acme, inputs)
-    queued = _long_job(acme, inputs)
-    wait_until(lambda: _running_with_progress(acme, running), 30, "the first job to run")
+    inputs = long_job_inputs(acme)
+    running = long_job(acme, inputs)
+    queued = long_job(acme, inputs)
+    wait_until(lambda: running_with_progress(acme, running), 30, "the first job to run")
     assert acme.get(f"/v1/jobs/{queued}").json()["status"] == "queued"
 
     response = acme.delete(f"/v1/jobs/{queued}")
@@ -80,11 +51,11 @@ def test_a_killed_generate_job_resumes_where_it_stopped_without_duplicates(isola
     env, base, _ = isolated
     env = dict(env, JOB_TIME_LIMIT="300", VISIBILITY_TIMEOUT="600", WORKER_HEARTBEAT="1")
     client = client_for(base, "acme")
-    inputs = _inputs(client)
+    inputs = long_job_inputs(client)
     count = 200
     first = start_worker(env, tmp_path / "worker1.log", queues="gpu", name="doomed")
-    job_id = _long_job(client, inputs, count=count)
-    at_kill = wait_until(lambda: (job := _running_with_progress(client, job_id)) and job["progress"]["done"] >= 40
+    job_id = long_job(client, inputs, count=count)
+    at_kill = wait_until(lambda: (job := running_with_progress(client, job_id)) and job["progress"]["done"] >= 40
                          and job, 60, "the job to pass 40 pairs")
     first.kill()  # SIGKILL to the worker and its pool child: no chance to ack, requeue or clean up
     assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
@@ -134,8 +105,8 @@ def test_a_killed_generate_job_resumes_where_it_stopped_without_duplicates(isola
 def test_api_restart_keeps_jobs_in_flight(isolated, tmp_path):
     env, base, api = isolated
     client = client_for(base, "acme")
-    inputs = _inputs(client)
-    job_id = _long_job(client, inputs, count=40)
+    inputs = long_job_inputs(client)
+    job_id = long_job(client, inputs, count=40)
     api.kill()  # the API dies while the job is queued: no worker is running yet
     worker = start_worker(env, tmp_path / "worker.log", queues="gpu")
     new_api, new_base = start_api(env, tmp_path / "api2.log")
@@ -164,8 +135,8 @@ def test_open_service_refuses_public_bind(tmp_path):
 def test_failing_job_is_marked_failed_with_an_actionable_message(isolated, tmp_path):
     env, base, _ = isolated
     client = client_for(base, "acme")
-    anomaly, normal = _inputs(client)
-    job_id = _long_job(client, (anomaly, normal), count=3)
+    anomaly, normal = long_job_inputs(client)
+    job_id = long_job(client, (anomaly, normal), count=3)
     shutil.rmtree(tmp_path / "storage" / "exemplars" / normal)  # lost before any worker ran the job
     worker = start_worker(env, tmp_path / "worker.log", queues="gpu")
     try:
@@ -180,7 +151,7 @@ def test_failing_job_is_marked_failed_with_an_actionable_message(isolated, tmp_p
 def test_job_over_the_time_limit_fails_with_a_message(isolated, tmp_path):
     env, base, _ = isolated
     client = client_for(base, "acme")
-    job_id = _long_job(client, _inputs(client), count=5000)
+    job_id = long_job(client, long_job_inputs(client), count=5000)
     worker = start_worker(dict(env, JOB_TIME_LIMIT="2", VISIBILITY_TIMEOUT="35"), tmp_path / "worker.log", queues="gpu")
     try:
         job = wait_for_job(client, job_id, timeout=60)
