@@ -4,6 +4,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from service import records as records_module
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
+    try:  # records stored before the list filters' indexes existed; once per database
+        await run_in_threadpool(app.state.records.build_indexes)
+    except Exception as exc:
+        log.warning("could not build the list indexes (Redis unreachable?): %s", exc)
     try:
         await run_in_threadpool(warm_producer_pool, app.state.producer)
     except Exception as exc:  # the broker may come up later; /readyz says so meanwhile
@@ -40,10 +45,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         raise SettingsError(
             "REDIS_URL is not set. `make run` (python -m service.embedded) starts an embedded Redis for you."
         )
-    app = FastAPI(title="Anomaly synthesis service", version="1.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc with their JavaScript and CSS served from this process (the fastapi-offline
+    # package's copies of Swagger UI and ReDoc), not a CDN: factory networks have no internet.
+    app = FastAPIOffline(
+        title="Anomaly synthesis service",
+        version="1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        swagger_ui_parameters={"persistAuthorization": True},
+    )
     app.state.settings = settings
     app.state.records = records_module.Records(records_module.connect(settings.redis_url))
-    app.state.storage = open_storage(settings.storage_url)
+    app.state.storage = open_storage(settings.storage_url, settings.s3_public_endpoint_url)
     app.state.producer = make_producer(settings)
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware)

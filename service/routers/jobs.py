@@ -1,19 +1,24 @@
 import json
-import mimetypes
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
+from models.downstream.exports import write_coco_zip, write_yolo_zip
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from models.downstream.mvtec import write_mvtec_zip
 from service.auth import current_tenant
+from service.downloads import download
 from service.errors import ApiError, describe_validation_errors
+from service.idempotency import IdempotencyKey, file_digest, fingerprint, run_once
+from service.lifecycle import job_prefixes, purge_job
 from service.metrics import JOBS_SUBMITTED
+from service.pagination import DEFAULT_LIMIT, Cursor, Limit, decode_key_cursor, encode_key_cursor, page
 from service.records import TERMINAL, now
 from service.schemas import (
     NAME_PATTERN,
@@ -22,11 +27,12 @@ from service.schemas import (
     Job,
     JobAccepted,
     JobCreate,
+    JobDeleted,
     JobKind,
     JobList,
     JobStatus,
 )
-from service.storage import LocalStorage, StorageError, check_key
+from service.storage import StorageError, check_key
 from service.submission import build_job, submit
 from service.uploads import store_exemplars, validate_exemplar
 
@@ -61,14 +67,23 @@ def _queue(request: Request, job: dict) -> None:
 
 
 @router.post("", status_code=202, response_model=JobAccepted, responses=ERRORS)
-async def create_job(body: JobCreate, request: Request, tenant: str = Depends(current_tenant)):
-    """Queue a fine-tune, generate or evaluate job. Poll GET /v1/jobs/{id} for its progress."""
+async def create_job(
+    body: JobCreate, request: Request, idempotency_key: IdempotencyKey = None, tenant: str = Depends(current_tenant)
+):
+    """Queue a fine-tune, generate or evaluate job. Poll GET /v1/jobs/{id} for its progress, or give a
+    `callback_url` to be called when it ends. With an `Idempotency-Key`, a retry returns the first
+    response and queues nothing."""
     # On the event loop, like polls: a few Redis round trips and one publish (~1.5 ms of work) cost
     # less there than in the thread pool, where bursts of submits queue for the GIL.
     records = request.app.state.records
-    job = _build(request, tenant, body, lambda i: records.get_record("exemplar", tenant, i))
-    _queue(request, job)
-    return {"id": job["id"], "status": job["status"]}
+
+    def create() -> dict:
+        job = _build(request, tenant, body, lambda i: records.get_record("exemplar", tenant, i))
+        _queue(request, job)
+        return {"id": job["id"], "status": job["status"]}
+
+    request_fingerprint = fingerprint("POST /v1/jobs", body.model_dump(mode="json"))
+    return run_once(records, tenant, idempotency_key, request_fingerprint, 202, JobAccepted, create)
 
 
 @router.post("/generate", status_code=202, response_model=JobAccepted, responses=ERRORS)
@@ -84,11 +99,20 @@ async def create_generate_job_from_files(
     seed: int | None = Form(None, ge=0, lt=2**32),
     product: str = Form("adhoc", pattern=NAME_PATTERN),
     defect: str = Form("anomaly", pattern=NAME_PATTERN),
+    callback_url: str | None = Form(None, max_length=2048, description="called when the job ends (see POST /v1/jobs)"),
+    idempotency_key: IdempotencyKey = None,
     tenant: str = Depends(current_tenant),
 ):
     """Ad hoc shortcut: upload one exemplar and its normals and queue a generate job in one call.
     All files are validated before anything is stored."""
     state = request.app.state
+    request_fingerprint = fingerprint(
+        "POST /v1/jobs/generate",
+        {
+            "files": [await file_digest(f) for f in (image, mask, *normal)],
+            "form": [method, count, params, masks, seed, product, defect, callback_url],
+        },
+    )
     parsed = {}
     for field, raw in (("params", params), ("masks", masks)):
         try:
@@ -114,27 +138,38 @@ async def create_generate_job_from_files(
             normals=[n.record["id"] for n in normals],
             masks=parsed["masks"],
             params=parsed["params"],
+            callback_url=callback_url,
         )
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", describe_validation_errors(exc.errors())) from None
     pending = {p.record["id"]: p.record for p in [anomaly, *normals]}
-    # Validate the job against the not-yet-stored exemplars, then store files, then queue.
-    job = _build(request, tenant, body, pending.get)
-    await run_in_threadpool(store_exemplars, state.storage, state.records, [anomaly, *normals])
-    await run_in_threadpool(_queue, request, job)
-    return {"id": job["id"], "status": job["status"]}
+
+    def create() -> dict:
+        # Validate the job against the not-yet-stored exemplars, then store files, then queue.
+        job = _build(request, tenant, body, pending.get)
+        store_exemplars(state.storage, state.records, [anomaly, *normals])
+        _queue(request, job)
+        return {"id": job["id"], "status": job["status"]}
+
+    return await run_in_threadpool(
+        run_once, state.records, tenant, idempotency_key, request_fingerprint, 202, JobAccepted, create
+    )
 
 
-@router.get("", response_model=JobList, responses={401: {"model": ErrorResponse}})
+@router.get("", response_model=JobList, responses={c: {"model": ErrorResponse} for c in (401, 422)})
 def list_jobs(
     request: Request,
     status: JobStatus | None = Query(None),
     kind: JobKind | None = Query(None),
-    limit: int = Query(50, ge=1, le=1000),
+    product: str | None = Query(None, max_length=64),
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
     tenant: str = Depends(current_tenant),
 ):
-    jobs = request.app.state.records.list_jobs(tenant, status, kind, limit)
-    return {"items": [public_job(j) for j in jobs]}
+    """The tenant's jobs, newest first, a page at a time (`next_cursor`); filters combine."""
+    filters = {"status": status, "kind": kind, "product": product}
+    jobs, next_cursor = page(request.app.state.records, "job", tenant, filters, limit, cursor)
+    return {"items": [public_job(j) for j in jobs], "next_cursor": next_cursor}
 
 
 @router.get("/{job_id}", response_model=Job, responses=ERRORS)
@@ -144,51 +179,108 @@ async def get_job(job_id: str, request: Request, tenant: str = Depends(current_t
     return public_job(_owned_job(request, tenant, job_id))
 
 
-@router.delete("/{job_id}", status_code=202, response_model=JobAccepted, responses=ERRORS)
-def cancel_job(job_id: str, request: Request, tenant: str = Depends(current_tenant)):
-    """Cancel: a queued job is cancelled at once; a running one at its next step (within seconds)."""
+@router.delete("/{job_id}", status_code=202, response_model=JobDeleted, responses=ERRORS)
+def cancel_job(
+    job_id: str,
+    request: Request,
+    purge: bool = Query(False, description="also remove the job's record and every object it stored"),
+    tenant: str = Depends(current_tenant),
+):
+    """Cancel: a queued job is cancelled at once; a running one at its next step (within seconds).
+
+    With `purge=true`, also delete the job's record and every object it stored (a finished job
+    too): at once for a job that is not running (`purged: true`), else by its worker when it stops,
+    within seconds (`purged: false`; the job then disappears). 409 `in_use` while a queued or
+    running job reads its outputs (its adapter, its pairs)."""
     records = request.app.state.records
     job = _owned_job(request, tenant, job_id)
+    if purge:
+        return _purge(request, job)
     if job["status"] in TERMINAL:
         raise ApiError(409, "job_finished", f"job {job_id} is already {job['status']}")
     records.update_job(job_id, cancel_requested=True)
     if records.transition(job_id, ("queued",), status="cancelled", finished_at=now()):
-        return {"id": job_id, "status": "cancelled"}
-    return {"id": job_id, "status": records.get_job_field(job_id, "status")}
+        return {"id": job_id, "status": "cancelled", "purged": False}
+    return {"id": job_id, "status": records.get_job_field(job_id, "status"), "purged": False}
 
 
-def _artifact_prefixes(job_id: str) -> tuple[str, ...]:
-    return (f"jobs/{job_id}/", f"adapters/{job_id}/")
+def _purge(request: Request, job: dict) -> dict:
+    records, job_id = request.app.state.records, job["id"]
+    if job["status"] not in TERMINAL:
+        records.update_job(job_id, cancel_requested=True, purge_requested=True)
+        records.transition(job_id, ("queued",), status="cancelled", finished_at=now())
+        job = records.get_job(job_id)
+        if job is None:  # its worker stopped and purged it meanwhile
+            return {"id": job_id, "status": "cancelled", "purged": True}
+        if job["status"] not in TERMINAL:  # running: its worker purges it at its next step
+            return {"id": job_id, "status": job["status"], "purged": False}
+    blocking = purge_job(records, request.app.state.storage, job)
+    if blocking:
+        raise ApiError(409, "in_use", f"job {blocking} (queued or running) reads the outputs of job {job_id}")
+    return {"id": job_id, "status": job["status"], "purged": True}
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=ERRORS)
-def list_artifacts(job_id: str, request: Request, tenant: str = Depends(current_tenant)):
-    """Every stored output of the job, with a download URL (presigned on S3, through the API on disk)."""
+def list_artifacts(
+    job_id: str,
+    request: Request,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+    tenant: str = Depends(current_tenant),
+):
+    """The job's stored outputs in key order, a page at a time, each with a download URL: presigned
+    on S3 where callers can reach it (S3_PUBLIC_ENDPOINT_URL), else through the API."""
     _owned_job(request, tenant, job_id)
     state = request.app.state
     base = str(request.base_url).rstrip("/")
+    after = decode_key_cursor(cursor) if cursor else None
+    found = []
+    for prefix in job_prefixes(job_id):  # in key order, so one cursor runs through both
+        if after is not None and after >= prefix and not after.startswith(prefix):
+            continue  # the cursor is past this prefix
+        start = after if after is not None and after.startswith(prefix) else None
+        found += state.storage.list(prefix, start_after=start, limit=limit + 1 - len(found))
+        if len(found) > limit:
+            break
     items = []
-    for prefix in _artifact_prefixes(job_id):
-        for obj in state.storage.list(prefix):
-            url = state.storage.presigned_url(obj.key, state.settings.artifact_url_expiry)
-            items.append(
-                {"key": obj.key, "url": url or f"{base}/v1/jobs/{job_id}/artifacts/{obj.key}", "size": obj.size}
-            )
-    return {"items": items}
+    for obj in found[:limit]:
+        url = state.storage.presigned_url(obj.key, state.settings.artifact_url_expiry)
+        items.append({"key": obj.key, "url": url or f"{base}/v1/jobs/{job_id}/artifacts/{obj.key}", "size": obj.size})
+    next_cursor = encode_key_cursor(found[limit - 1].key) if len(found) > limit else None
+    return {"items": items, "next_cursor": next_cursor}
 
 
-def _write_export(storage, job: dict, records, out: Path) -> None:
+ExportFormat = Literal["mvtec", "coco", "yolo"]
+
+
+def _write_export(storage, job: dict, records, out: Path, export_format: ExportFormat) -> None:
     # Generators: each file is read from storage as it goes into the zip, one at a time.
-    files = ((obj.key, storage.get(obj.key)) for obj in storage.list(f"jobs/{job['id']}/"))
+    prefix = f"jobs/{job['id']}/"
     normal_records = (records.get_record("exemplar", job["tenant"], i) for i in job["normals"])
     normals = ((f"{r['id']}.png", storage.get(r["image_key"])) for r in normal_records if r is not None)
-    write_mvtec_zip(files, out, normals)
+    if export_format == "mvtec":
+        write_mvtec_zip(((obj.key, storage.get(obj.key)) for obj in storage.list(prefix)), out, normals)
+        return
+    manifest = json.loads(storage.get(prefix + "manifest.json"))
+    pairs = ((e["image"], storage.get(prefix + e["image"]), storage.get(prefix + e["mask"])) for e in manifest["pairs"])
+    writer = write_coco_zip if export_format == "coco" else write_yolo_zip
+    writer(pairs, out, manifest["defect"], normals)
 
 
 @router.get("/{job_id}/export", responses=ERRORS, response_class=FileResponse)
-async def export_mvtec(job_id: str, request: Request, tenant: str = Depends(current_tenant)):
-    """The job's pairs as an MVTec AD zip: test/<defect>/<n>.png, ground_truth/<defect>/<n>_mask.png,
-    and the normal images it used as train/good/."""
+async def export_pairs(
+    job_id: str,
+    request: Request,
+    export_format: ExportFormat = Query("mvtec", alias="format"),
+    tenant: str = Depends(current_tenant),
+):
+    """The job's pairs, and the normal images it used, as a zip for training:
+
+    - `mvtec`: the MVTec AD layout, test/<defect>/<n>.png, ground_truth/<defect>/<n>_mask.png, train/good/;
+    - `coco`: COCO instance segmentation, annotations.json (one instance per connected defect region, its
+      mask as compressed RLE, one category per defect type) and images/ (normals as images without
+      annotations);
+    - `yolo`: YOLO segmentation, data.yaml, images/train/ and labels/train/ (one polygon per region)."""
     job = _owned_job(request, tenant, job_id)
     if job["kind"] != "generate" or job["status"] != "succeeded":
         raise ApiError(
@@ -197,11 +289,15 @@ async def export_mvtec(job_id: str, request: Request, tenant: str = Depends(curr
     state = request.app.state
     scratch = tempfile.mkdtemp()
     out = Path(scratch) / f"{job_id}.zip"
-    await run_in_threadpool(_write_export, state.storage, job, state.records, out)
+    try:
+        await run_in_threadpool(_write_export, state.storage, job, state.records, out, export_format)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     return FileResponse(
         out,
         media_type="application/zip",
-        filename=f"{job['product'] or 'dataset'}-{job_id}.zip",
+        filename=f"{job['product'] or 'dataset'}-{job_id}{'' if export_format == 'mvtec' else '-' + export_format}.zip",
         background=BackgroundTask(shutil.rmtree, scratch, ignore_errors=True),
     )
 
@@ -215,9 +311,6 @@ def download_artifact(job_id: str, key: str, request: Request, tenant: str = Dep
         check_key(key)
     except StorageError:
         raise ApiError(404, "artifact_not_found", f"no artifact {key!r}") from None
-    if not key.startswith(_artifact_prefixes(job_id)) or not storage.exists(key):
+    if not key.startswith(job_prefixes(job_id)) or not storage.exists(key):
         raise ApiError(404, "artifact_not_found", f"no artifact {key!r}")
-    media_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
-    if isinstance(storage, LocalStorage):
-        return FileResponse(storage.local_path(key), media_type=media_type)
-    return Response(storage.get(key), media_type=media_type)
+    return download(storage, key)
