@@ -17,6 +17,11 @@ WEBHOOK_DELIVERIES = Counter(
 )
 JOBS_PURGED = Counter("synth_jobs_purged_total", "Jobs removed with their outputs, by reason", ["reason"])
 PAIRS_GENERATED = Counter("synth_pairs_generated_total", "Image/mask pairs written", ["method"])
+LAST_SWEEP = Gauge(
+    "synth_worker_last_sweep_timestamp_seconds",
+    "When this worker's main process last completed its orphan-recovery sweep: its heartbeat",
+    multiprocess_mode="max",
+)
 JOBS_IN_PROGRESS = Gauge("synth_jobs_in_progress", "Jobs running now", ["queue"], multiprocess_mode="livesum")
 
 
