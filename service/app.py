@@ -19,7 +19,17 @@ DESCRIPTION = """
 Few-shot industrial anomaly synthesis. Upload a few defect exemplars (image + mask) and normal
 images, queue **generate** jobs that paint new, pixel-labelled defects onto the normal images,
 poll them, and download image/mask pairs. Errors are always
-`{"error": {"code": "...", "message": "..."}}`. Authenticate with `Authorization: Bearer <key>`.
+`{"error": {"code": "...", "message": "..."}}`. Authenticate with `Authorization: Bearer <key>`
+(the **Authorize** button here).
+
+- **Webhooks**: a job with `callback_url` is POSTed its JSON when it ends, with headers
+  `X-Synth-Event: job.finished`, `X-Synth-Delivery` and `X-Synth-Signature: sha256=<HMAC-SHA256 of
+  the body with WEBHOOK_SECRET>`; retried with exponential backoff; state in the job's `callback`.
+- **Idempotency-Key** on every POST that creates something: a retry with the same key and request
+  returns the first response (header `Idempotent-Replayed: true`); another request is a 409.
+- **Pagination**: every list takes `limit` (default 100, at most 1000) and `cursor`, and returns
+  `next_cursor` (null on the last page).
+- **Exports**: `GET /v1/jobs/{id}/export?format=mvtec|coco|yolo`.
 """
 
 
