@@ -4,10 +4,10 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from service import records as records_module
+from service.docs import install_docs
 from service.errors import install_error_handlers
 from service.metrics import RequestMetricsMiddleware
 from service.queue import make_producer, warm_producer_pool
@@ -55,15 +55,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         raise SettingsError(
             "REDIS_URL is not set. `make run` (python -m service.embedded) starts an embedded Redis for you."
         )
-    # /docs and /redoc with their JavaScript and CSS served from this process (the fastapi-offline
-    # package's copies of Swagger UI and ReDoc), not a CDN: factory networks have no internet.
-    app = FastAPIOffline(
+    app = FastAPI(
         title="Anomaly synthesis service",
         version="1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
-        swagger_ui_parameters={"persistAuthorization": True},
+        docs_url=None,  # served by install_docs, from this process rather than a CDN
+        redoc_url=None,
     )
+    install_docs(app)
     app.state.settings = settings
     app.state.records = records_module.Records(records_module.connect(settings.redis_url))
     app.state.storage = open_storage(settings.storage_url, settings.s3_public_endpoint_url)

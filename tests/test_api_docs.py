@@ -49,3 +49,4 @@ def test_docs_pages_load_their_assets_from_the_service(api_url):
             response = httpx.get(api_url + asset)
             assert response.status_code == 200 and len(response.content) > 0, asset
         assert "cdn." not in html and "googleapis" not in html, page
+        assert "default-src 'self'" in httpx.get(api_url + page).headers["content-security-policy"]
