@@ -2,11 +2,13 @@
 
 1. listing latency with 100,000 jobs in one tenant: the first page (limit 100) of GET /v1/jobs,
    unfiltered and filtered by status=failed (1 % of the jobs), alternating;
-2. submit latency with an Idempotency-Key and without, alternating, from concurrent clients;
+2. submit latency with an Idempotency-Key and without, alternating;
 3. webhook latency: from a job's end (its `finished_at`) to the receiver's arrival time, over 100
    jobs run by one worker.
 
-The load generator shares the machine's cores with the service.
+The load generator shares the machine's cores with the service, and on a shared machine so do
+others: beside each wall time, the API process's own CPU time per request (from /proc) says what
+a request costs the server, whatever the load.
 
     .venv/bin/python -m bench.bench_integrations [--jobs 100000] [--pages 200] [--submits 500] [--webhooks 100]
 """
@@ -16,7 +18,6 @@ import asyncio
 import json
 import os
 import platform
-import random
 import tempfile
 import time
 import uuid
@@ -62,43 +63,68 @@ def fill_jobs(redis_url: str, count: int, normal_id: str) -> None:
         records.create_job(job)
 
 
-async def listing(base: str, pages: int) -> dict[str, list[float]]:
-    client = KeepAliveClient(urlparse(base).hostname, urlparse(base).port)
+def api_cpu_seconds(port: int) -> float:
+    """CPU time (user + system) of the API process serving `port`, from /proc: what a request costs
+    the server, whatever else the machine's cores are doing."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if b"service.serve" in (proc / "cmdline").read_bytes() and f"PORT={port}".encode() in (
+                proc / "environ"
+            ).read_bytes().split(b"\0"):
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError):
+            continue
+    raise RuntimeError(f"no API process on port {port}")
+
+
+async def listing(base: str, pages: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Wall time per request, and the API's CPU time per request, of each kind of first page, in
+    alternating blocks of 10."""
+    port = urlparse(base).port
+    client = KeepAliveClient(urlparse(base).hostname, port)
     timings = {"unfiltered": [], "status=failed": []}
+    cpu = dict.fromkeys(timings, 0.0)
     paths = {"unfiltered": "/v1/jobs?limit=100", "status=failed": "/v1/jobs?status=failed&limit=100"}
     for path in paths.values():  # warm-up
         status, body = await client.request("GET", path)
         assert status == 200 and len(body["items"]) == 100 and body["next_cursor"], body
-    for _ in range(pages):
+    for _ in range(pages // 10):
         for name, path in paths.items():
-            start = time.perf_counter()
-            status, body = await client.request("GET", path)
-            timings[name].append(time.perf_counter() - start)
-            assert status == 200 and len(body["items"]) == 100
-            if name == "status=failed":
-                assert all(job["status"] == "failed" for job in body["items"])
+            cpu_before = api_cpu_seconds(port)
+            for _ in range(10):
+                start = time.perf_counter()
+                status, body = await client.request("GET", path)
+                timings[name].append(time.perf_counter() - start)
+                assert status == 200 and len(body["items"]) == 100
+                if name == "status=failed":
+                    assert all(job["status"] == "failed" for job in body["items"])
+            cpu[name] += api_cpu_seconds(port) - cpu_before
     client.close()
-    return timings
+    return timings, {name: 1000 * cpu[name] / len(timings[name]) for name in timings}
 
 
-async def submits(base: str, normal_id: str, count: int, clients: int) -> dict[str, list[float]]:
+async def submits(base: str, normal_id: str, count: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """POST /v1/jobs with a fresh Idempotency-Key each time and without one, in alternating blocks
+    of 10 from one keep-alive client: wall time per request and the API's CPU time per request."""
+    port = urlparse(base).port
+    client = KeepAliveClient(urlparse(base).hostname, port)
     timings = {"with Idempotency-Key": [], "without": []}
+    cpu = dict.fromkeys(timings, 0.0)
     body = {"kind": "generate", "method": "draem", "normals": [normal_id], "count": 10}
-
-    async def one_client(rounds: int):
-        client = KeepAliveClient(urlparse(base).hostname, urlparse(base).port)
-        await client.request("GET", "/healthz")  # open the connection outside the timings
-        for _ in range(rounds):
-            for name in random.sample(list(timings), 2):  # alternating, in a random order
+    await client.request("POST", "/v1/jobs", body)  # warm-up
+    for _ in range(count // 10):
+        for name in timings:
+            cpu_before = api_cpu_seconds(port)
+            for _ in range(10):
                 headers = {"Idempotency-Key": str(uuid.uuid4())} if name != "without" else None
                 start = time.perf_counter()
                 status, reply = await client.request("POST", "/v1/jobs", body, headers)
                 timings[name].append(time.perf_counter() - start)
                 assert status == 202, reply
-        client.close()
-
-    await asyncio.gather(*(one_client(count // clients) for _ in range(clients)))
-    return timings
+            cpu[name] += api_cpu_seconds(port) - cpu_before
+    client.close()
+    return timings, {name: 1000 * cpu[name] / len(timings[name]) for name in timings}
 
 
 def webhooks(count: int) -> list[float]:
@@ -125,9 +151,8 @@ def webhooks(count: int) -> list[float]:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=100_000)
-    parser.add_argument("--pages", type=int, default=200)
+    parser.add_argument("--pages", type=int, default=200, help="of each kind, in blocks of 10")
     parser.add_argument("--submits", type=int, default=500, help="of each kind")
-    parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--webhooks", type=int, default=100)
     args = parser.parse_args()
     os.environ.setdefault("WEBHOOK_SECRET", "bench-secret")
@@ -141,19 +166,21 @@ def main():
         start = time.perf_counter()
         fill_jobs(redis_url, args.jobs, normal["id"])
         print(f"filled {args.jobs} jobs in {time.perf_counter() - start:.1f} s")
-        timings = asyncio.run(listing(base, args.pages))
+        timings, cpu = asyncio.run(listing(base, args.pages))
         metrics = client.get("/metrics").text
         server = server_side_quantiles(metrics, "/v1/jobs", "GET")
-        print(f"listing, first page of 100, {args.jobs} jobs in the tenant:")
+        print(f"listing, first page of 100, {args.jobs} jobs in the tenant (load average {os.getloadavg()[0]:.1f}):")
         for name, values in timings.items():
-            print(_row(f"  GET /v1/jobs {name}", values, 20 if name == "status=failed" else None))
+            print(_row(f"  GET /v1/jobs {name}", values, 20 if name == "status=failed" else None)
+                  + f"  API CPU {cpu[name]:.1f} ms/request")
         print(f"  server-side, both (histogram bucket bounds): p50 <= {server[0.5]} ms, p99 <= {server[0.99]} ms")
-        timings = asyncio.run(submits(base, normal["id"], args.submits, args.clients))
-        print(f"submit, {args.clients} concurrent clients:")
+        timings, cpu = asyncio.run(submits(base, normal["id"], args.submits))
+        print(f"submit, one client (load average {os.getloadavg()[0]:.1f}):")
         for name, values in timings.items():
-            print(_row(f"  POST /v1/jobs {name}", values))
+            print(_row(f"  POST /v1/jobs {name}", values) + f"  API CPU {cpu[name]:.1f} ms/request")
     latencies = webhooks(args.webhooks)
-    print(f"webhook, job end (finished_at) to receipt, {len(latencies)} of {args.webhooks} jobs, one worker:")
+    print(f"webhook, job end (finished_at) to receipt, {len(latencies)} of {args.webhooks} jobs, one worker "
+          f"(load average {os.getloadavg()[0]:.1f}):")
     print(_row("  delivery latency", latencies))
 
 

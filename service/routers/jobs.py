@@ -6,11 +6,11 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
-from models.downstream.exports import write_coco_zip, write_yolo_zip
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from models.downstream.exports import write_coco_zip, write_yolo_zip
 from models.downstream.mvtec import write_mvtec_zip
 from service.auth import current_tenant
 from service.downloads import download
@@ -312,5 +312,5 @@ def download_artifact(job_id: str, key: str, request: Request, tenant: str = Dep
     except StorageError:
         raise ApiError(404, "artifact_not_found", f"no artifact {key!r}") from None
     if not key.startswith(job_prefixes(job_id)) or not storage.exists(key):
-        raise ApiError(404, "artifact_not_found", f"no artifact {key!r}")
+        raise ApiError(404, "artifact_not_found", f"no artifact {key!r}")  # checked here to say so
     return download(storage, key)
