@@ -65,7 +65,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_docs(app)
     app.state.settings = settings
-    app.state.records = records_module.Records(records_module.connect(settings.redis_url))
+    app.state.records = records_module.Records(
+        records_module.connect(settings.redis_url, timeout=records_module.API_TIMEOUT)
+    )
     app.state.storage = open_storage(settings.storage_url, settings.s3_public_endpoint_url)
     app.state.producer = make_producer(settings)
     install_error_handlers(app)

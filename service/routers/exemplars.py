@@ -1,24 +1,28 @@
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from service.auth import current_tenant
+from service.deps import RecordsDep, SettingsDep, StorageDep, Tenant
 from service.downloads import download
-from service.errors import ApiError
+from service.errors import ApiError, echo
 from service.idempotency import IdempotencyKey, file_digest, fingerprint, run_once
 from service.lifecycle import delete_record
 from service.pagination import DEFAULT_LIMIT, Cursor, Limit, page
+from service.records import Records
 from service.schemas import NAME_PATTERN, ErrorResponse, Exemplar, ExemplarList
 from service.uploads import public_exemplar, store_exemplars, validate_exemplar
 
 router = APIRouter(prefix="/v1/exemplars", tags=["exemplars"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 409, 413, 415, 422)}
-READ_ERRORS = {code: {"model": ErrorResponse} for code in (401, 404)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 409, 413, 415, 422, 503)}
+READ_ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 503)}
 
 
 @router.post("", status_code=201, response_model=Exemplar, responses=ERRORS)
 async def upload_exemplar(
-    request: Request,
+    tenant: Tenant,
+    settings: SettingsDep,
+    records: RecordsDep,
+    storage: StorageDep,
     image: UploadFile = File(..., description="PNG, JPEG, BMP or TIFF; grayscale or RGB"),
     mask: UploadFile | None = File(
         None, description="defect mask (same size; >=128 is defect); omit for a normal image"
@@ -26,74 +30,71 @@ async def upload_exemplar(
     product: str = Form(..., pattern=NAME_PATTERN, examples=["magnetic_tile"]),
     defect: str | None = Form(None, pattern=NAME_PATTERN, examples=["crack"]),
     idempotency_key: IdempotencyKey = None,
-    tenant: str = Depends(current_tenant),
 ):
     """Upload an anomaly exemplar (image + mask + defect) or a normal image (image only)."""
-    state = request.app.state
     request_fingerprint = fingerprint(
         "POST /v1/exemplars", [await file_digest(image), await file_digest(mask), product, defect]
     )
-    pending = await validate_exemplar(state.settings, tenant, image, mask, product, defect)
+    pending = await validate_exemplar(settings, tenant, image, mask, product, defect)
 
-    def create() -> dict:
-        store_exemplars(state.storage, state.records, [pending])
+    def store() -> dict:
+        store_exemplars(storage, records, [pending])
         return public_exemplar(pending.record)
 
     return await run_in_threadpool(
-        run_once, state.records, tenant, idempotency_key, request_fingerprint, 201, Exemplar, create
+        run_once, records, tenant, idempotency_key, request_fingerprint, 201, Exemplar, store
     )
 
 
-@router.get("", response_model=ExemplarList, responses={c: {"model": ErrorResponse} for c in (401, 422)})
+@router.get("", response_model=ExemplarList, responses={c: {"model": ErrorResponse} for c in (401, 422, 503)})
 def list_exemplars(
-    request: Request,
+    tenant: Tenant,
+    records: RecordsDep,
     product: str | None = Query(None, max_length=64),
     defect: str | None = Query(None, max_length=64),
     kind: str | None = Query(None, pattern="^(anomaly|normal)$"),
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
-    tenant: str = Depends(current_tenant),
 ):
     """The tenant's exemplars and normal images, newest first, a page at a time; filters combine."""
     filters = {"product": product, "defect": defect, "kind": kind}
-    records, next_cursor = page(request.app.state.records, "exemplar", tenant, filters, limit, cursor)
-    return {"items": [public_exemplar(r) for r in records], "next_cursor": next_cursor}
+    found, next_cursor = page(records, "exemplar", tenant, filters, limit, cursor)
+    return {"items": [public_exemplar(r) for r in found], "next_cursor": next_cursor}
 
 
-def _owned(request: Request, tenant: str, exemplar_id: str) -> dict:
-    record = request.app.state.records.get_record("exemplar", tenant, exemplar_id)
+def _owned(records: Records, tenant: str, exemplar_id: str) -> dict:
+    record = records.get_record("exemplar", tenant, exemplar_id)
     if record is None:
-        raise ApiError(404, "exemplar_not_found", f"no exemplar {exemplar_id!r}")
+        raise ApiError(404, "exemplar_not_found", f"no exemplar {echo(exemplar_id)}")
     return record
 
 
 @router.get("/{exemplar_id}", response_model=Exemplar, responses=READ_ERRORS)
-def get_exemplar(exemplar_id: str, request: Request, tenant: str = Depends(current_tenant)):
-    return public_exemplar(_owned(request, tenant, exemplar_id))
+def get_exemplar(exemplar_id: str, tenant: Tenant, records: RecordsDep):
+    return public_exemplar(_owned(records, tenant, exemplar_id))
 
 
 @router.get("/{exemplar_id}/image", response_class=Response, responses=READ_ERRORS)
-def download_image(exemplar_id: str, request: Request, tenant: str = Depends(current_tenant)):
+def download_image(exemplar_id: str, tenant: Tenant, records: RecordsDep, storage: StorageDep):
     """The image as stored (PNG: grayscale or RGB, as it was validated)."""
-    record = _owned(request, tenant, exemplar_id)
-    return download(request.app.state.storage, record["image_key"], f"{exemplar_id}.png")
+    record = _owned(records, tenant, exemplar_id)
+    return download(storage, record["image_key"], f"{exemplar_id}.png")
 
 
 @router.get("/{exemplar_id}/mask", response_class=Response, responses=READ_ERRORS)
-def download_mask(exemplar_id: str, request: Request, tenant: str = Depends(current_tenant)):
+def download_mask(exemplar_id: str, tenant: Tenant, records: RecordsDep, storage: StorageDep):
     """The defect mask as stored (PNG, 0/255); a normal image has none (404)."""
-    record = _owned(request, tenant, exemplar_id)
+    record = _owned(records, tenant, exemplar_id)
     if not record["mask_key"]:
         raise ApiError(404, "mask_not_found", f"exemplar {exemplar_id} is a normal image: it has no mask")
-    return download(request.app.state.storage, record["mask_key"], f"{exemplar_id}_mask.png")
+    return download(storage, record["mask_key"], f"{exemplar_id}_mask.png")
 
 
-@router.delete("/{exemplar_id}", status_code=204, response_class=Response, responses=ERRORS)
-def delete_exemplar(exemplar_id: str, request: Request, tenant: str = Depends(current_tenant)):
+@router.delete("/{exemplar_id}", status_code=204, response_class=Response, responses=ERRORS | READ_ERRORS)
+def delete_exemplar(exemplar_id: str, tenant: Tenant, records: RecordsDep, storage: StorageDep):
     """Delete the exemplar and its files. 409 `in_use` while a queued or running job reads it;
     finished jobs keep their outputs."""
-    state = request.app.state
-    blocking = delete_record(state.records, state.storage, "exemplar", _owned(request, tenant, exemplar_id))
+    blocking = delete_record(records, storage, "exemplar", _owned(records, tenant, exemplar_id))
     if blocking:
         raise ApiError(409, "in_use", f"job {blocking} (queued or running) reads exemplar {exemplar_id}")
     return Response(status_code=204)

@@ -4,7 +4,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
@@ -12,14 +12,14 @@ from starlette.concurrency import run_in_threadpool
 
 from models.downstream.exports import write_coco_zip, write_yolo_zip
 from models.downstream.mvtec import write_mvtec_zip
-from service.auth import current_tenant
+from service.deps import ProducerDep, RecordsDep, SettingsDep, StorageDep, Tenant
 from service.downloads import download
-from service.errors import ApiError, describe_validation_errors
+from service.errors import ApiError, describe_validation_errors, echo
 from service.idempotency import IdempotencyKey, file_digest, fingerprint, run_once
 from service.lifecycle import job_prefixes, purge_job
 from service.metrics import JOBS_SUBMITTED
 from service.pagination import DEFAULT_LIMIT, Cursor, Limit, decode_key_cursor, encode_key_cursor, page
-from service.records import TERMINAL, now
+from service.records import TERMINAL, Records, now
 from service.schemas import (
     NAME_PATTERN,
     ArtifactList,
@@ -46,49 +46,74 @@ def public_job(job: dict) -> dict:
     return {k: v for k, v in job.items() if k in PUBLIC_JOB_FIELDS}
 
 
-def _owned_job(request: Request, tenant: str, job_id: str) -> dict:
-    job = request.app.state.records.get_job(job_id, tenant)
+def _owned_job(records: Records, tenant: str, job_id: str) -> dict:
+    job = records.get_job(job_id, tenant)
     if job is None:  # another tenant's job is "not found" too: its existence is not disclosed
-        raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+        raise ApiError(404, "job_not_found", f"no job {echo(job_id)}")
     return job
 
 
-def _build(request: Request, tenant: str, body: JobCreate, lookup) -> dict:
-    records = request.app.state.records
+def _build(settings, records: Records, tenant: str, body: JobCreate, pending: dict[str, dict] | None = None) -> dict:
+    """The job record, validated against the tenant's records (and `pending`, not yet stored ones)."""
+    listed = [*body.exemplars, *body.normals, *body.masks.masks]
+    known = records.get_records("exemplar", tenant, listed) | (pending or {})  # one round trip for 10,000 ids
     return build_job(
-        request.app.state.settings, tenant, body, lookup, lambda i: records.get_job(i, tenant),
+        settings, tenant, body, known.get, lambda i: records.get_job(i, tenant),
         lambda i: records.get_record("dataset", tenant, i),
     )
 
 
-def _queue(request: Request, job: dict) -> None:
-    submit(request.app.state.records, request.app.state.producer, job)
+def _queue(records: Records, producer, job: dict) -> None:
+    submit(records, producer, job)
     JOBS_SUBMITTED.labels(job["kind"], job["method"] or "").inc()
 
 
 @router.post("", status_code=202, response_model=JobAccepted, responses=ERRORS)
 async def create_job(
-    body: JobCreate, request: Request, idempotency_key: IdempotencyKey = None, tenant: str = Depends(current_tenant)
+    body: JobCreate,
+    tenant: Tenant,
+    settings: SettingsDep,
+    records: RecordsDep,
+    producer: ProducerDep,
+    idempotency_key: IdempotencyKey = None,
 ):
     """Queue a fine-tune, generate or evaluate job. Poll GET /v1/jobs/{id} for its progress, or give a
     `callback_url` to be called when it ends. With an `Idempotency-Key`, a retry returns the first
     response and queues nothing."""
-    # On the event loop, like polls: a few Redis round trips and one publish (~1.5 ms of work) cost
-    # less there than in the thread pool, where bursts of submits queue for the GIL.
-    records = request.app.state.records
 
-    def create() -> dict:
-        job = _build(request, tenant, body, lambda i: records.get_record("exemplar", tenant, i))
-        _queue(request, job)
+    def build_and_queue() -> dict:
+        job = _build(settings, records, tenant, body)
+        _queue(records, producer, job)
         return {"id": job["id"], "status": job["status"]}
 
+    # The hot paths (submit, poll) take one hop to the thread pool for all their Redis round trips
+    # and the publish, and serialise on the loop: a sync route would take two hops, and each hop
+    # waits for the GIL, which under load costs more than the work itself.
     request_fingerprint = fingerprint("POST /v1/jobs", body.model_dump(mode="json"))
-    return run_once(records, tenant, idempotency_key, request_fingerprint, 202, JobAccepted, create)
+    return await run_in_threadpool(
+        run_once, records, tenant, idempotency_key, request_fingerprint, 202, JobAccepted, build_and_queue
+    )
+
+
+def _parse_json_object(field: str, raw: str) -> dict:
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ApiError(422, "invalid_params", f"{field} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(422, "invalid_params", f"{field} is nested too deeply") from None
+    if not isinstance(parsed, dict):
+        raise ApiError(422, "invalid_params", f"{field} must be a JSON object")
+    return parsed
 
 
 @router.post("/generate", status_code=202, response_model=JobAccepted, responses=ERRORS)
 async def create_generate_job_from_files(
-    request: Request,
+    tenant: Tenant,
+    settings: SettingsDep,
+    records: RecordsDep,
+    storage: StorageDep,
+    producer: ProducerDep,
     image: UploadFile = File(..., description="the reference anomaly image"),
     mask: UploadFile = File(..., description="its defect mask"),
     normal: list[UploadFile] = File(..., description="one or more normal images"),
@@ -101,11 +126,9 @@ async def create_generate_job_from_files(
     defect: str = Form("anomaly", pattern=NAME_PATTERN),
     callback_url: str | None = Form(None, max_length=2048, description="called when the job ends (see POST /v1/jobs)"),
     idempotency_key: IdempotencyKey = None,
-    tenant: str = Depends(current_tenant),
 ):
     """Ad hoc shortcut: upload one exemplar and its normals and queue a generate job in one call.
     All files are validated before anything is stored."""
-    state = request.app.state
     request_fingerprint = fingerprint(
         "POST /v1/jobs/generate",
         {
@@ -113,17 +136,10 @@ async def create_generate_job_from_files(
             "form": [method, count, params, masks, seed, product, defect, callback_url],
         },
     )
-    parsed = {}
-    for field, raw in (("params", params), ("masks", masks)):
-        try:
-            parsed[field] = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ApiError(422, "invalid_params", f"{field} is not valid JSON: {exc}") from None
-        if not isinstance(parsed[field], dict):
-            raise ApiError(422, "invalid_params", f"{field} must be a JSON object")
-    anomaly = await validate_exemplar(state.settings, tenant, image, mask, product, defect)
+    parsed = {field: _parse_json_object(field, raw) for field, raw in (("params", params), ("masks", masks))}
+    anomaly = await validate_exemplar(settings, tenant, image, mask, product, defect)
     normals = [
-        await validate_exemplar(state.settings, tenant, f, None, product, None, field=f"normal[{i}]")
+        await validate_exemplar(settings, tenant, f, None, product, None, field=f"normal[{i}]")
         for i, f in enumerate(normal)
     ]
     try:
@@ -144,77 +160,85 @@ async def create_generate_job_from_files(
         raise ApiError(422, "invalid_request", describe_validation_errors(exc.errors())) from None
     pending = {p.record["id"]: p.record for p in [anomaly, *normals]}
 
-    def create() -> dict:
+    def build_store_and_queue() -> dict:
         # Validate the job against the not-yet-stored exemplars, then store files, then queue.
-        job = _build(request, tenant, body, pending.get)
-        store_exemplars(state.storage, state.records, [anomaly, *normals])
-        _queue(request, job)
+        job = _build(settings, records, tenant, body, pending)
+        store_exemplars(storage, records, [anomaly, *normals])
+        _queue(records, producer, job)
         return {"id": job["id"], "status": job["status"]}
 
     return await run_in_threadpool(
-        run_once, state.records, tenant, idempotency_key, request_fingerprint, 202, JobAccepted, create
+        run_once, records, tenant, idempotency_key, request_fingerprint, 202, JobAccepted, build_store_and_queue
     )
 
 
-@router.get("", response_model=JobList, responses={c: {"model": ErrorResponse} for c in (401, 422)})
+@router.get("", response_model=JobList, responses={c: {"model": ErrorResponse} for c in (401, 422, 503)})
 def list_jobs(
-    request: Request,
+    tenant: Tenant,
+    records: RecordsDep,
     status: JobStatus | None = Query(None),
     kind: JobKind | None = Query(None),
     product: str | None = Query(None, max_length=64),
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
-    tenant: str = Depends(current_tenant),
 ):
     """The tenant's jobs, newest first, a page at a time (`next_cursor`); filters combine."""
     filters = {"status": status, "kind": kind, "product": product}
-    jobs, next_cursor = page(request.app.state.records, "job", tenant, filters, limit, cursor)
+    jobs, next_cursor = page(records, "job", tenant, filters, limit, cursor)
     return {"items": [public_job(j) for j in jobs], "next_cursor": next_cursor}
 
 
 @router.get("/{job_id}", response_model=Job, responses=ERRORS)
-async def get_job(job_id: str, request: Request, tenant: str = Depends(current_tenant)):
-    # The hot polling path runs on the event loop: one Redis HGETALL (well under a millisecond)
-    # costs less than the hop to the thread pool a sync endpoint takes.
-    return public_job(_owned_job(request, tenant, job_id))
+async def get_job(job_id: str, tenant: Tenant, records: RecordsDep):
+    # One hop to the thread pool (see create_job): a Redis that is slow or away never holds up the loop.
+    return public_job(await run_in_threadpool(_owned_job, records, tenant, job_id))
 
 
 @router.delete("/{job_id}", status_code=202, response_model=JobDeleted, responses=ERRORS)
 def cancel_job(
     job_id: str,
-    request: Request,
+    tenant: Tenant,
+    records: RecordsDep,
+    storage: StorageDep,
+    settings: SettingsDep,
     purge: bool = Query(False, description="also remove the job's record and every object it stored"),
-    tenant: str = Depends(current_tenant),
 ):
-    """Cancel: a queued job is cancelled at once; a running one at its next step (within seconds).
+    """Cancel: a queued job is cancelled at once; a running one at its next step (within seconds);
+    a running one whose worker died (no heartbeat for WORKER_HEARTBEAT x 4 s) at once.
 
     With `purge=true`, also delete the job's record and every object it stored (a finished job
     too): at once for a job that is not running (`purged: true`), else by its worker when it stops,
     within seconds (`purged: false`; the job then disappears). 409 `in_use` while a queued or
     running job reads its outputs (its adapter, its pairs)."""
-    records = request.app.state.records
-    job = _owned_job(request, tenant, job_id)
+    job = _owned_job(records, tenant, job_id)
     if purge:
-        return _purge(request, job)
+        return _purge(records, storage, settings, job)
     if job["status"] in TERMINAL:
         raise ApiError(409, "job_finished", f"job {job_id} is already {job['status']}")
+    return {"id": job_id, "status": _cancel(records, settings, job_id), "purged": False}
+
+
+def _cancel(records: Records, settings, job_id: str) -> str:
+    """Ask the job to stop; its status after that (cancelled, or still running until its next step)."""
     records.update_job(job_id, cancel_requested=True)
     if records.transition(job_id, ("queued",), status="cancelled", finished_at=now()):
-        return {"id": job_id, "status": "cancelled", "purged": False}
-    return {"id": job_id, "status": records.get_job_field(job_id, "status"), "purged": False}
+        return "cancelled"
+    if records.cancel_if_orphaned(job_id, stale_before=now() - settings.orphan_after):
+        return "cancelled"
+    return records.get_job_field(job_id, "status")
 
 
-def _purge(request: Request, job: dict) -> dict:
-    records, job_id = request.app.state.records, job["id"]
+def _purge(records: Records, storage, settings, job: dict) -> dict:
+    job_id = job["id"]
     if job["status"] not in TERMINAL:
-        records.update_job(job_id, cancel_requested=True, purge_requested=True)
-        records.transition(job_id, ("queued",), status="cancelled", finished_at=now())
+        records.update_job(job_id, purge_requested=True)
+        _cancel(records, settings, job_id)
         job = records.get_job(job_id)
         if job is None:  # its worker stopped and purged it meanwhile
             return {"id": job_id, "status": "cancelled", "purged": True}
         if job["status"] not in TERMINAL:  # running: its worker purges it at its next step
             return {"id": job_id, "status": job["status"], "purged": False}
-    blocking = purge_job(records, request.app.state.storage, job)
+    blocking = purge_job(records, storage, job)
     if blocking:
         raise ApiError(409, "in_use", f"job {blocking} (queued or running) reads the outputs of job {job_id}")
     return {"id": job_id, "status": job["status"], "purged": True}
@@ -224,14 +248,16 @@ def _purge(request: Request, job: dict) -> dict:
 def list_artifacts(
     job_id: str,
     request: Request,
+    tenant: Tenant,
+    records: RecordsDep,
+    storage: StorageDep,
+    settings: SettingsDep,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
-    tenant: str = Depends(current_tenant),
 ):
     """The job's stored outputs in key order, a page at a time, each with a download URL: presigned
     on S3 where callers can reach it (S3_PUBLIC_ENDPOINT_URL), else through the API."""
-    _owned_job(request, tenant, job_id)
-    state = request.app.state
+    _owned_job(records, tenant, job_id)
     base = str(request.base_url).rstrip("/")
     after = decode_key_cursor(cursor) if cursor else None
     found = []
@@ -239,12 +265,12 @@ def list_artifacts(
         if after is not None and after >= prefix and not after.startswith(prefix):
             continue  # the cursor is past this prefix
         start = after if after is not None and after.startswith(prefix) else None
-        found += state.storage.list(prefix, start_after=start, limit=limit + 1 - len(found))
+        found += storage.list(prefix, start_after=start, limit=limit + 1 - len(found))
         if len(found) > limit:
             break
     items = []
     for obj in found[:limit]:
-        url = state.storage.presigned_url(obj.key, state.settings.artifact_url_expiry)
+        url = storage.presigned_url(obj.key, settings.artifact_url_expiry)
         items.append({"key": obj.key, "url": url or f"{base}/v1/jobs/{job_id}/artifacts/{obj.key}", "size": obj.size})
     next_cursor = encode_key_cursor(found[limit - 1].key) if len(found) > limit else None
     return {"items": items, "next_cursor": next_cursor}
@@ -268,11 +294,12 @@ def _write_export(storage, job: dict, records, out: Path, export_format: ExportF
 
 
 @router.get("/{job_id}/export", responses=ERRORS, response_class=FileResponse)
-async def export_pairs(
+def export_pairs(
     job_id: str,
-    request: Request,
+    tenant: Tenant,
+    records: RecordsDep,
+    storage: StorageDep,
     export_format: ExportFormat = Query("mvtec", alias="format"),
-    tenant: str = Depends(current_tenant),
 ):
     """The job's pairs, and the normal images it used, as a zip for training:
 
@@ -281,16 +308,15 @@ async def export_pairs(
       mask as compressed RLE, one category per defect type) and images/ (normals as images without
       annotations);
     - `yolo`: YOLO segmentation, data.yaml, images/train/ and labels/train/ (one polygon per region)."""
-    job = _owned_job(request, tenant, job_id)
+    job = _owned_job(records, tenant, job_id)
     if job["kind"] != "generate" or job["status"] != "succeeded":
         raise ApiError(
             409, "not_exportable", f"only succeeded generate jobs export; this is a {job['status']} {job['kind']} job"
         )
-    state = request.app.state
     scratch = tempfile.mkdtemp()
     out = Path(scratch) / f"{job_id}.zip"
     try:
-        await run_in_threadpool(_write_export, state.storage, job, state.records, out, export_format)
+        _write_export(storage, job, records, out, export_format)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
@@ -303,14 +329,13 @@ async def export_pairs(
 
 
 @router.get("/{job_id}/artifacts/{key:path}", responses=ERRORS, response_class=Response)
-def download_artifact(job_id: str, key: str, request: Request, tenant: str = Depends(current_tenant)):
+def download_artifact(job_id: str, key: str, tenant: Tenant, records: RecordsDep, storage: StorageDep):
     """Download one artifact by its key (as listed)."""
-    _owned_job(request, tenant, job_id)
-    storage = request.app.state.storage
+    _owned_job(records, tenant, job_id)
     try:
         check_key(key)
     except StorageError:
-        raise ApiError(404, "artifact_not_found", f"no artifact {key!r}") from None
+        raise ApiError(404, "artifact_not_found", f"no artifact {echo(key)}") from None
     if not key.startswith(job_prefixes(job_id)) or not storage.exists(key):
-        raise ApiError(404, "artifact_not_found", f"no artifact {key!r}")  # checked here to say so
+        raise ApiError(404, "artifact_not_found", f"no artifact {echo(key)}")  # checked here to say so
     return download(storage, key)
