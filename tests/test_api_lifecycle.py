@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from service.records import Records, connect, new_id, now
+from tests.archive_mutations import zip_bytes
 from tests.conftest import client_for, defect_mask, make_env, png_bytes, product_image, upload, wait_for_job
 from tests.processes import start_api, start_redis, start_worker, wait_until
-from tests.test_api_datasets import good_layout, mvtec_zip
+from tests.test_api_datasets import good_layout
 
 BIG = 256
 
@@ -95,7 +96,7 @@ def test_exemplar_record_and_downloads(acme, globex):
 
 def test_deleting_exemplars_and_datasets(acme, storage_root, records):
     anomaly, normal, _, _ = _exemplar_pair(acme)
-    dataset = acme.post("/v1/datasets", files={"file": ("d.zip", mvtec_zip(good_layout()))},
+    dataset = acme.post("/v1/datasets", files={"file": ("d.zip", zip_bytes(good_layout()))},
                         data={"product": "life"}).json()
     ids = {"exemplars": [anomaly["id"], normal["id"]], "datasets": [dataset["id"]]}
     assert_storage_agrees(storage_root, records, **ids)
@@ -120,7 +121,7 @@ def test_inputs_of_queued_or_running_jobs_are_in_use(acme, storage_root, records
     _running(acme, running)
     finished_inputs = _exemplar_pair(acme)
     done = _generate(acme, *finished_inputs[:2])  # queued behind the running one
-    dataset = acme.post("/v1/datasets", files={"file": ("d.zip", mvtec_zip(good_layout()))},
+    dataset = acme.post("/v1/datasets", files={"file": ("d.zip", zip_bytes(good_layout()))},
                         data={"product": "life"}).json()
     evaluate = acme.post("/v1/jobs", json={"kind": "evaluate", "dataset": dataset["id"], "generated": []})
     assert evaluate.status_code == 202, evaluate.text
@@ -172,7 +173,7 @@ def test_a_job_whose_outputs_a_queued_job_reads_is_in_use(acme, storage_root, re
     assert wait_for_job(acme, generated)["status"] == "succeeded"
     blocker = _generate(acme, anomaly, normal, count=5000)
     _running(acme, blocker)
-    dataset = acme.post("/v1/datasets", files={"file": ("d.zip", mvtec_zip(good_layout()))},
+    dataset = acme.post("/v1/datasets", files={"file": ("d.zip", zip_bytes(good_layout()))},
                         data={"product": "life"}).json()
     evaluate = acme.post("/v1/jobs", json={"kind": "evaluate", "dataset": dataset["id"], "generated": [generated]})
     response = acme.delete(f"/v1/jobs/{generated}", params={"purge": "true"})

@@ -7,8 +7,9 @@ import uuid
 import pytest
 
 from service.records import new_id
+from tests.archive_mutations import zip_bytes
 from tests.conftest import defect_mask, png_bytes, product_image, upload
-from tests.test_api_datasets import good_layout, mvtec_zip
+from tests.test_api_datasets import good_layout
 
 
 def _key() -> dict:
@@ -92,7 +93,7 @@ def test_exemplar_uploads_are_idempotent(acme):
 
 
 def test_dataset_uploads_are_idempotent(acme):
-    archive, key = mvtec_zip(good_layout()), _key()
+    archive, key = zip_bytes(good_layout()), _key()
     product = f"idem-{new_id()[:8]}"
     first, again = (
         acme.post("/v1/datasets", files={"file": ("d.zip", archive)}, data={"product": product}, headers=key)

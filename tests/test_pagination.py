@@ -6,8 +6,9 @@ import json
 import pytest
 
 from service.records import InvalidCursor, Records, connect, index_key, new_id, now
+from tests.archive_mutations import zip_bytes
 from tests.conftest import defect_mask, png_bytes, product_image, upload, wait_for_job
-from tests.test_api_datasets import good_layout, mvtec_zip
+from tests.test_api_datasets import good_layout
 
 
 @pytest.fixture()
@@ -147,7 +148,7 @@ def test_exemplar_pages_with_filters_and_inserts_between_pages(acme):
 
 
 def test_job_and_dataset_lists_page(acme, globex):
-    datasets = [acme.post("/v1/datasets", files={"file": ("d.zip", mvtec_zip(good_layout()))},
+    datasets = [acme.post("/v1/datasets", files={"file": ("d.zip", zip_bytes(good_layout()))},
                           data={"product": "paged"}).json()["id"] for _ in range(3)]
     seen, sizes = _pages(acme, "/v1/datasets", product="paged", limit=2)
     assert [d["id"] for d in seen][:3] == datasets[::-1] and sizes[0] == 2
