@@ -43,7 +43,14 @@ IdempotencyKey = Annotated[
 
 
 def fingerprint(route: str, content) -> str:
-    return hashlib.sha256(json.dumps([route, content], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """The request's content (a model, or JSON-able parts) as a digest, the same for any key order."""
+    try:
+        if isinstance(content, BaseModel):
+            content = content.model_dump(mode="json")
+        canonical = json.dumps([route, content], sort_keys=True, separators=(",", ":"))
+    except (ValueError, RecursionError):  # nested deeper than serialisers go: no request this API takes
+        raise ApiError(422, "invalid_request", "the request is nested too deeply") from None
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 async def file_digest(upload: UploadFile | None) -> str | None:
@@ -61,12 +68,13 @@ def run_once(
     records: Records,
     tenant: str,
     key: str | None,
-    request_fingerprint: str,
+    request_fingerprint: str | None,
     status_code: int,
     response_model: type[BaseModel],
     create: Callable[[], dict],
 ):
-    """The response body of `create()`, or, for a key this tenant used before, the stored response."""
+    """The response body of `create()`, or, for a key this tenant used before, the stored response.
+    `request_fingerprint` is needed only with a key (routes compute it only then)."""
     if key is None:
         return create()
     claim = {"fingerprint": request_fingerprint, "claim": secrets.token_hex(8)}

@@ -32,9 +32,10 @@ async def upload_exemplar(
     idempotency_key: IdempotencyKey = None,
 ):
     """Upload an anomaly exemplar (image + mask + defect) or a normal image (image only)."""
-    request_fingerprint = fingerprint(
-        "POST /v1/exemplars", [await file_digest(image), await file_digest(mask), product, defect]
-    )
+    request_fingerprint = None
+    if idempotency_key:
+        files = [await file_digest(image), await file_digest(mask)]
+        request_fingerprint = fingerprint("POST /v1/exemplars", [*files, product, defect])
     pending = await validate_exemplar(settings, tenant, image, mask, product, defect)
 
     def store() -> dict:

@@ -89,7 +89,7 @@ async def create_job(
     # The hot paths (submit, poll) take one hop to the thread pool for all their Redis round trips
     # and the publish, and serialise on the loop: a sync route would take two hops, and each hop
     # waits for the GIL, which under load costs more than the work itself.
-    request_fingerprint = fingerprint("POST /v1/jobs", body.model_dump(mode="json"))
+    request_fingerprint = fingerprint("POST /v1/jobs", body) if idempotency_key else None
     return await run_in_threadpool(
         run_once, records, tenant, idempotency_key, request_fingerprint, 202, JobAccepted, build_and_queue
     )
@@ -129,13 +129,11 @@ async def create_generate_job_from_files(
 ):
     """Ad hoc shortcut: upload one exemplar and its normals and queue a generate job in one call.
     All files are validated before anything is stored."""
-    request_fingerprint = fingerprint(
-        "POST /v1/jobs/generate",
-        {
-            "files": [await file_digest(f) for f in (image, mask, *normal)],
-            "form": [method, count, params, masks, seed, product, defect, callback_url],
-        },
-    )
+    request_fingerprint = None
+    if idempotency_key:
+        files = [await file_digest(f) for f in (image, mask, *normal)]
+        form = [method, count, params, masks, seed, product, defect, callback_url]
+        request_fingerprint = fingerprint("POST /v1/jobs/generate", {"files": files, "form": form})
     parsed = {field: _parse_json_object(field, raw) for field, raw in (("params", params), ("masks", masks))}
     anomaly = await validate_exemplar(settings, tenant, image, mask, product, defect)
     normals = [
