@@ -87,7 +87,7 @@ def test_exemplar_record_and_downloads(acme, globex):
     assert np.array_equal(_decode(downloaded.content), image)
     assert np.array_equal(_decode(acme.get(f"/v1/exemplars/{anomaly['id']}/mask").content), mask)
     response = acme.get(f"/v1/exemplars/{normal['id']}/mask")
-    assert response.status_code == 404 and response.json()["error"]["code"] == "mask_not_found"
+    assert response.status_code == 404 and response.json()["error"]["code"] == "no_mask"
     for path in ("", "/image", "/mask"):
         response = globex.get(f"/v1/exemplars/{anomaly['id']}{path}")
         assert response.status_code == 404 and response.json()["error"]["code"] == "exemplar_not_found"

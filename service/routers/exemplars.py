@@ -87,7 +87,7 @@ def download_mask(exemplar_id: str, tenant: Tenant, records: RecordsDep, storage
     """The defect mask as stored (PNG, 0/255); a normal image has none (404)."""
     record = _owned(records, tenant, exemplar_id)
     if not record["mask_key"]:
-        raise ApiError(404, "mask_not_found", f"exemplar {exemplar_id} is a normal image: it has no mask")
+        raise ApiError(404, "no_mask", f"exemplar {exemplar_id} is a normal image: it has no mask")
     return download(storage, record["mask_key"], f"{exemplar_id}_mask.png")
 
 
