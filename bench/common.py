@@ -29,11 +29,15 @@ def png(array: np.ndarray) -> bytes:
 
 
 @contextmanager
-def running_service(with_worker: bool, workers: int = 1, extra_env: dict | None = None):
-    """Yields the API base URL; Redis (append-only off), storage and logs live in a temp dir. Workers
-    run at a lower CPU priority than the API, as `make run` starts them."""
+def running_service(
+    with_worker: bool, workers: int = 1, extra_env: dict | None = None, redis_url: str | None = None
+):
+    """Yields the API base URL; Redis (append-only off; or the one at `redis_url`), storage and logs
+    live in a temp dir. Workers run at a lower CPU priority than the API, as `make run` starts them."""
     with tempfile.TemporaryDirectory() as tmp:
-        redis_proc, redis_url = start_redis(Path(tmp))
+        redis_proc = None
+        if redis_url is None:
+            redis_proc, redis_url = start_redis(Path(tmp))
         port = free_port()
         env = dict(
             os.environ,
@@ -76,5 +80,6 @@ def running_service(with_worker: bool, workers: int = 1, extra_env: dict | None 
                 child.terminate()
             for child in children:
                 child.wait(timeout=30)
-            redis_proc.terminate()
-            redis_proc.wait(timeout=10)
+            if redis_proc is not None:
+                redis_proc.terminate()
+                redis_proc.wait(timeout=10)

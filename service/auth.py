@@ -3,11 +3,21 @@
 import hmac
 from ipaddress import ip_address
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.errors import ApiError
 
 DEFAULT_TENANT = "default"
+
+# Declares the Bearer scheme in the OpenAPI document on every route that depends on
+# current_tenant, so /docs has an Authorize button and generated clients send the key. Errors
+# stay ours: the scheme only reads the header.
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="APIKey",
+    description="an API key of this deployment's API_KEYS, sent as `Authorization: Bearer <key>`",
+)
 
 
 def is_loopback(host: str | None) -> bool:
@@ -19,7 +29,9 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
-async def current_tenant(request: Request) -> str:
+async def current_tenant(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Security(bearer)
+) -> str:
     """FastAPI dependency: the tenant of the caller, or a 401/403 ApiError."""
     keys: dict[str, str] = request.app.state.settings.api_keys
     if not keys:
@@ -28,10 +40,9 @@ async def current_tenant(request: Request) -> str:
         if not is_loopback(client):
             raise ApiError(403, "loopback_only", "no API keys are configured: this service serves loopback only")
         return DEFAULT_TENANT
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    if credentials is None or not credentials.credentials.strip():
         raise ApiError(401, "missing_api_key", "send 'Authorization: Bearer <key>'")
-    token = token.strip()
+    token = credentials.credentials.strip()
     for key, tenant in keys.items():
         if hmac.compare_digest(key.encode(), token.encode()):
             return tenant

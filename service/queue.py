@@ -36,7 +36,8 @@ def celery_config(settings: Settings) -> dict:
         "task_serializer": "json",
         "accept_content": ["json"],
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": False,
+        # Task events for Flower (compose profile `flower`): a few small messages per job.
+        "worker_send_task_events": True,
     }
 
 

@@ -34,8 +34,12 @@ class Exemplar(BaseModel):
     created_at: float
 
 
+NextCursor = Annotated[str | None, Field(description="pass as `cursor` for the next page; null on the last page")]
+
+
 class ExemplarList(BaseModel):
     items: list[Exemplar]
+    next_cursor: NextCursor = None
 
 
 class JobCreate(BaseModel):
@@ -74,6 +78,12 @@ class JobCreate(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters: see params_schema")
     dataset: Id | None = Field(default=None, description="evaluate: dataset id")
     generated: list[Id] = Field(default_factory=list, max_length=64, description="evaluate: generate job ids")
+    callback_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="POSTed the job's JSON when it ends (signed, retried); its host must be in WEBHOOK_ALLOWED_HOSTS",
+        examples=["http://mes.plant.example.com/hooks/synth"],
+    )
 
 
 class Progress(BaseModel):
@@ -81,6 +91,20 @@ class Progress(BaseModel):
     stage: str
     done: int
     total: int
+
+
+class Callback(BaseModel):
+    """The delivery state of a job's webhook."""
+
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    delivery_id: str = Field(description="sent as X-Synth-Delivery, the same on every attempt")
+    attempts: int
+    last_status: int | None = Field(description="HTTP status of the last attempt; null if it got no answer")
+    last_error: str | None
+    last_attempt_at: float | None
+    next_attempt_at: float | None
+    delivered_at: float | None
 
 
 class Job(BaseModel):
@@ -105,6 +129,7 @@ class Job(BaseModel):
     params: dict = {}
     dataset: str | None = None
     generated: list[str] = []
+    callback: Callback | None = None
 
 
 class JobAccepted(BaseModel):
@@ -112,8 +137,13 @@ class JobAccepted(BaseModel):
     status: JobStatus
 
 
+class JobDeleted(JobAccepted):
+    purged: bool = Field(description="the record and every object of the job are gone (DELETE ...?purge=true)")
+
+
 class JobList(BaseModel):
     items: list[Job]
+    next_cursor: NextCursor = None
 
 
 class Artifact(BaseModel):
@@ -124,6 +154,7 @@ class Artifact(BaseModel):
 
 class ArtifactList(BaseModel):
     items: list[Artifact]
+    next_cursor: NextCursor = None
 
 
 class MethodDescription(BaseModel):
@@ -153,3 +184,4 @@ class Dataset(BaseModel):
 
 class DatasetList(BaseModel):
     items: list[Dataset]
+    next_cursor: NextCursor = None

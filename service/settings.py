@@ -6,6 +6,8 @@ the Kubernetes ConfigMap (a test checks all three). An empty variable counts as 
 `${NAME:-}` passes the default through.
 """
 
+import re
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -35,6 +37,27 @@ def parse_api_keys(raw: str | None) -> dict[str, str]:
             raise ValueError("API_KEYS lists the same key twice")
         keys[key.strip()] = tenant.strip()
     return keys
+
+
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_HOST_NAME = re.compile(rf"^(?=.{{1,253}}$)(\*\.)?({_LABEL}\.)*{_LABEL}$")
+
+
+def parse_allowed_hosts(raw: str) -> tuple[str, ...]:
+    """`mes.example.com,*.plant.example.com,10.20.0.0/16` -> its entries, each checked: a host name
+    (`*.` allows its subdomains) or an IP address or network in CIDR notation."""
+    entries = []
+    for item in raw.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        try:
+            entries.append(str(ip_network(item, strict=False)))
+        except ValueError:
+            if not _HOST_NAME.match(item):
+                raise ValueError(f"WEBHOOK_ALLOWED_HOSTS entry {item!r} is neither a host name nor a CIDR") from None
+            entries.append(item)
+    return tuple(entries)
 
 
 class Settings(BaseSettings):
@@ -68,11 +91,30 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(9101, ge=0, le=65535)
     worker_heartbeat: int = Field(15, ge=1)
     artifact_url_expiry: int = Field(3600, ge=1)
+    s3_public_endpoint_url: str | None = Field(
+        None, description="S3 endpoint as callers reach it; presigned URLs point there. Unset behind a private S3 "
+        "endpoint: downloads stream through the API"
+    )
+    retention_days: float | None = Field(
+        None, gt=0, description="finished jobs older than this are removed with their outputs; unset: kept"
+    )
+    webhook_secret: str | None = Field(None, repr=False, description="HMAC-SHA256 key of X-Synth-Signature")
+    webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("localhost", "127.0.0.0/8", "::1/128"), description="host names and CIDRs a callback_url may name"
+    )
+    webhook_max_attempts: int = Field(6, ge=1, le=30)
+    webhook_backoff: float = Field(30.0, gt=0, description="seconds before the first retry; doubled for each next one")
+    webhook_timeout: float = Field(10.0, gt=0, description="seconds a receiver has to answer one delivery")
 
     @field_validator("api_keys", mode="before")
     @classmethod
     def _parse_api_keys(cls, raw):
         return parse_api_keys(raw) if isinstance(raw, str) else raw
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _parse_allowed_hosts(cls, raw):
+        return parse_allowed_hosts(raw) if isinstance(raw, str) else raw
 
     @field_validator("data_dir")
     @classmethod

@@ -13,6 +13,7 @@ from service.errors import ApiError, describe_validation_errors, echo
 from service.queue import enqueue_job
 from service.records import now
 from service.schemas import JobCreate
+from service.webhooks import callback_refusal, new_callback
 
 ExemplarLookup = Callable[[str], dict | None]
 
@@ -31,6 +32,19 @@ def _exemplars(ids: list[str], lookup: ExemplarLookup, kind: str, field: str) ->
             )
         found.append(record)
     return found
+
+
+def _callback(settings, body: JobCreate) -> dict | None:
+    if body.callback_url is None:
+        return None
+    if not settings.webhook_secret:
+        raise ApiError(
+            409, "webhooks_unavailable", "this deployment sends no webhooks: WEBHOOK_SECRET is not set"
+        )
+    refusal = callback_refusal(body.callback_url, settings.webhook_allowed_hosts)
+    if refusal:
+        raise ApiError(422, "callback_not_allowed", refusal)
+    return new_callback(body.callback_url)
 
 
 def validated_params(model: type[BaseModel], raw: dict) -> BaseModel:
@@ -89,7 +103,7 @@ def _job_record(tenant: str, body: JobCreate, **fields) -> dict:
     }
 
 
-def build_evaluate_job(tenant: str, body: JobCreate, get_dataset, get_job) -> dict:
+def build_evaluate_job(settings, tenant: str, body: JobCreate, get_dataset, get_job) -> dict:
     """An evaluate job: a dataset of the tenant's, and succeeded generate jobs of the tenant's."""
     if body.method:
         raise ApiError(422, "invalid_request", "evaluate jobs take no `method`: they evaluate `generated` jobs")
@@ -110,7 +124,7 @@ def build_evaluate_job(tenant: str, body: JobCreate, get_dataset, get_job) -> di
     return _job_record(
         tenant, body, total=1, method=None, product=body.product or dataset["product"], defect=None,
         exemplars=[], normals=[], masks=None, params=params.model_dump(mode="json"),
-        dataset=body.dataset, generated=body.generated,
+        dataset=body.dataset, generated=body.generated, callback=_callback(settings, body),
     )
 
 
@@ -118,7 +132,7 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
     """Validate `body` against the method, the tenant's exemplars and the limits; return the record."""
     reject_duplicate_ids(body)
     if body.kind == "evaluate":
-        return build_evaluate_job(tenant, body, get_dataset or (lambda _: None), get_job)
+        return build_evaluate_job(settings, tenant, body, get_dataset or (lambda _: None), get_job)
     if body.dataset or body.generated:
         raise ApiError(422, "invalid_request", "`dataset` and `generated` belong to evaluate jobs")
     if not body.method:
@@ -186,12 +200,27 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
         product=body.product or (named[0]["product"] if named else None),
         defect=body.defect or (exemplars[0]["defect"] if exemplars else "anomaly"),
         exemplars=body.exemplars, normals=body.normals, masks=masks.model_dump(mode="json"),
-        params=params.model_dump(mode="json"),
+        params=params.model_dump(mode="json"), callback=_callback(settings, body),
     )
 
 
+def inputs_of(job: dict) -> list[str]:
+    """The records a job reads, as Records keys: they must exist when it is created."""
+    exemplars = {*job.get("exemplars", ()), *job.get("normals", ()), *((job.get("masks") or {}).get("masks") or ())}
+    jobs = {*job.get("generated", ()), *([job["adapter"]] if job.get("adapter") else [])}
+    datasets = [job["dataset"]] if job.get("dataset") else []
+    keys = [f"exemplar:{i}" for i in exemplars] + [f"job:{i}" for i in jobs] + [f"dataset:{i}" for i in datasets]
+    return sorted(keys)
+
+
+_GONE = {"exemplar": "unknown_exemplar", "dataset": "unknown_dataset", "job": "unknown_job"}
+
+
 def submit(records, producer, job: dict) -> None:
-    records.create_job(job)
+    missing = records.create_job(job, reads=inputs_of(job))
+    if missing:  # deleted after its check above: nothing was created
+        kind, _, record_id = missing.partition(":")
+        raise ApiError(422, _GONE[kind], f"{kind} {record_id} was deleted while the job was submitted")
     try:
         enqueue_job(producer, job["id"], job["kind"])
     except Exception as exc:

@@ -136,7 +136,7 @@ def test_embedded_service_restarts_what_dies_and_recovers_the_running_job(tmp_pa
         assert f"gpu worker (pid {worker_pid}) exited" in log_path.read_text()
         job = wait_for_job(client, job_id, timeout=180)
         assert job["status"] == "succeeded" and job["result"]["pairs"] == count
-        items = client.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]
+        items = client.get(f"/v1/jobs/{job_id}/artifacts", params={"limit": 1000}).json()["items"]
         assert len([a for a in items if "/images/" in a["key"]]) == count
         manifest = json.loads(client.get(next(a["url"] for a in items if a["key"].endswith("manifest.json"))).content)
         assert sorted(p["index"] for p in manifest["pairs"]) == list(range(count))

@@ -87,7 +87,7 @@ def test_a_killed_generate_job_resumes_where_it_stopped_without_duplicates(isola
     assert lowest_done >= at_kill["progress"]["done"]  # progress never went back
     # The pairs stored before the kill were kept, not made again.
     assert all(images.joinpath(name).stat().st_mtime_ns == mtime for name, mtime in kept.items())
-    items = client.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]
+    items = client.get(f"/v1/jobs/{job_id}/artifacts", params={"limit": 1000}).json()["items"]
     assert len([a for a in items if "/images/" in a["key"]]) == count
     assert len([a for a in items if "/masks/" in a["key"]]) == count
     assert not any("/checkpoint/" in a["key"] for a in items)

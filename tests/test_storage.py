@@ -5,14 +5,20 @@ protocol, and boto3 talks to it over HTTP exactly as it would to MinIO: an hones
 S3 server, which is outside our control. Nothing of our own is faked.
 """
 
+import re
+from pathlib import Path
+from urllib.parse import urlparse
+
 import httpx
 import pytest
+import yaml
 
-from service.storage import LocalStorage, S3Storage, StorageError, check_key, open_storage
+from service.storage import S3Storage, StorageError, check_key, open_storage
 from tests.conftest import client_for, defect_mask, make_env, png_bytes, product_image, upload, wait_for_job
 from tests.processes import free_port, start_api, start_worker
 
 BUCKET = "anomaly-test"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +74,16 @@ def test_keys_cannot_escape(storage, key):
         storage.put(key, b"x")
 
 
-def test_presigned_urls(storage):
+def test_presigned_urls(storage, tmp_path):
     storage.put("jobs/p/file.bin", b"payload")
     url = storage.presigned_url("jobs/p/file.bin", 60)
-    if isinstance(storage, LocalStorage):
-        assert url is None  # local downloads go through the API
-    else:
-        assert isinstance(storage, S3Storage) and "Signature" in url
+    assert url is None  # local storage, or S3 behind a private endpoint: downloads go through the API
+    assert b"".join(storage.stream("jobs/p/file.bin")) == b"payload"
+    if isinstance(storage, S3Storage):
+        port = urlparse(storage.client.meta.endpoint_url).port
+        public = open_storage(f"s3://{BUCKET}/unit-{tmp_path.name}", public_endpoint=f"http://localhost:{port}")
+        url = public.presigned_url("jobs/p/file.bin", 60)
+        assert url.startswith(f"http://localhost:{port}/") and "Signature" in url
         assert httpx.get(url).content == b"payload"
 
 
@@ -84,9 +93,16 @@ def test_unsupported_storage_url():
     assert check_key("jobs/x/y.png") == "jobs/x/y.png"
 
 
-def test_generate_job_on_redis_and_s3(s3_server, redis_url, tmp_path):
+@pytest.mark.parametrize("reach", ["public endpoint", "private endpoint"])
+def test_generate_job_on_redis_and_s3(s3_server, redis_url, tmp_path, reach):
+    """As under docker compose: the services reach S3 at one address (AWS_ENDPOINT_URL_S3, compose's
+    http://minio:9000; 127.0.0.1 here), callers at another (S3_PUBLIC_ENDPOINT_URL, the port compose
+    publishes on the host; `localhost` here). Presigned URLs must be signed for the callers'
+    address; without one, the API streams the downloads itself."""
+    port = urlparse(s3_server["AWS_ENDPOINT_URL_S3"]).port
+    public = {"S3_PUBLIC_ENDPOINT_URL": f"http://localhost:{port}"} if reach == "public endpoint" else {}
     # A Redis database of its own, so the session's worker (on local storage) cannot take this job.
-    env = make_env(redis_url.rsplit("/", 1)[0] + "/1", f"s3://{BUCKET}/e2e", **s3_server)
+    env = make_env(redis_url.rsplit("/", 1)[0] + "/1", f"s3://{BUCKET}/e2e", **s3_server, **public)
     worker = start_worker(env, tmp_path / "worker.log", queues="gpu", name="s3")
     api, base = start_api(env, tmp_path / "api.log")
     try:
@@ -111,16 +127,31 @@ def test_generate_job_on_redis_and_s3(s3_server, redis_url, tmp_path):
         items = client.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]
         assert len(items) == 4 + 4 + 2
         image = next(a for a in items if a["key"].endswith("images/stain/0.png"))
-        assert image["url"].startswith(s3_server["AWS_ENDPOINT_URL_S3"])  # presigned, straight from S3
-        direct = httpx.get(image["url"])
+        if public:  # presigned for the public address, fetched by a client with no key
+            assert image["url"].startswith(public["S3_PUBLIC_ENDPOINT_URL"] + "/")
+            direct = httpx.get(image["url"])
+        else:  # through the API, which streams it from S3
+            assert image["url"].startswith(base + "/v1/jobs/")
+            direct = client.get(image["url"])
         assert direct.status_code == 200 and direct.content[:8] == b"\x89PNG\r\n\x1a\n"
         assert len(direct.content) == image["size"]
         # the API also serves it (same bytes) for callers that cannot reach S3
         assert client.get(f"/v1/jobs/{job_id}/artifacts/{image['key']}").content == direct.content
+        exemplar_image = client.get(f"/v1/exemplars/{anomaly['id']}/image")
+        assert exemplar_image.status_code == 200 and exemplar_image.content[:8] == b"\x89PNG\r\n\x1a\n"
         assert httpx.get(base + "/readyz").json()["checks"]["storage"] == "ok"
     finally:
         api.stop()
         worker.stop()
+
+
+def test_compose_presigns_for_the_port_it_publishes_minio_on():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    default = lambda value: re.sub(r"\$\{[A-Z0-9_]+:?-([^}]*)\}", r"\1", value)  # noqa: E731
+    public = urlparse(default(compose["x-app-env"]["S3_PUBLIC_ENDPOINT_URL"]))
+    published = [default(p).rsplit(":", 2) for p in compose["services"]["minio"]["ports"]]
+    assert [str(public.port), "9000"] in [p[-2:] for p in published]
+    assert urlparse(compose["x-app-env"]["AWS_ENDPOINT_URL_S3"]).port == 9000
 
 
 def test_put_file_and_get_file(storage, tmp_path):

@@ -31,8 +31,12 @@ app.conf.update(celery_config(settings))
 @signals.worker_ready.connect
 def _start_main_process_services(**_):
     from workers.recovery import start_orphan_recovery
+    from workers.retention import start_retention
+    from workers.webhooks import start_webhook_delivery
 
     start_orphan_recovery(settings, app)
+    start_webhook_delivery(settings)
+    start_retention(settings)
     if settings.worker_metrics_port:
         from workers.metrics import serve
 

@@ -9,6 +9,7 @@ import threading
 from service.queue import enqueue_job
 from service.records import Records, connect, now
 from service.settings import Settings
+from workers.metrics import LAST_SWEEP
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ def start_orphan_recovery(settings: Settings, producer) -> threading.Thread:
         while True:
             try:
                 requeue_orphans(records, producer, settings.orphan_after)
+                LAST_SWEEP.set_to_current_time()
             except Exception as exc:  # Redis away for a moment: the next sweep tries again
                 log.warning("orphan recovery sweep failed: %s", exc)
             threading.Event().wait(settings.worker_heartbeat)

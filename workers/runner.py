@@ -13,6 +13,7 @@ from functools import lru_cache
 from celery.exceptions import SoftTimeLimitExceeded
 
 from models.errors import InputError
+from service.lifecycle import purge_job
 from service.queue import QUEUE_BY_KIND
 from service.records import TERMINAL, Records, connect, now
 from service.settings import Settings
@@ -21,7 +22,7 @@ from workers.context import Heartbeat, JobCancelled, JobContext, JobFailed
 from workers.evaluate import run_evaluate
 from workers.finetune import run_finetune
 from workers.generate import run_generate
-from workers.metrics import JOB_DURATION, JOBS_FINISHED, JOBS_IN_PROGRESS
+from workers.metrics import JOB_DURATION, JOBS_FAILED, JOBS_FINISHED, JOBS_IN_PROGRESS, JOBS_PURGED
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +38,24 @@ def resources() -> tuple[Settings, Records, object]:
 
 
 def _fail(records: Records, job_id: str, code: str, message: str) -> bool:
-    return records.transition(
+    failed = records.transition(
         job_id,
         ("queued", "running"),
         status="failed",
         finished_at=now(),
         error={"code": code, "message": message},
     )
+    if failed:
+        JOBS_FAILED.labels(code).inc()
+    return failed
+
+
+def _purge_if_asked(records: Records, storage, job_id: str) -> None:
+    """A DELETE ?purge=true came while the job ran: now that it stopped, remove it and its outputs."""
+    job = records.get_job(job_id)
+    if job and job.get("purge_requested") and job["status"] in TERMINAL and purge_job(records, storage, job) is None:
+        JOBS_PURGED.labels("requested").inc()
+        log.info("job %s purged as asked", job_id)
 
 
 def run_job(job_id: str, time_limit: int) -> None:
@@ -67,6 +79,7 @@ def run_job(job_id: str, time_limit: int) -> None:
             f"the worker died {MAX_ATTEMPTS} times while running this job (last stage: "
             f"{job['progress']['stage']}); it may need more memory: try a smaller count or resolution",
         )
+        _purge_if_asked(records, storage, job_id)
         return
     job["attempts"] = attempts
     queue = QUEUE_BY_KIND[job["kind"]]
@@ -106,3 +119,4 @@ def run_job(job_id: str, time_limit: int) -> None:
         JOBS_FINISHED.labels(*labels, status).inc()
         JOB_DURATION.labels(*labels).observe(time.monotonic() - started)
         log.info("job %s %s in %.1f s", job_id, status, time.monotonic() - started)
+    _purge_if_asked(records, storage, job_id)

@@ -1,8 +1,8 @@
 import json
-import mimetypes
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
@@ -10,10 +10,15 @@ from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from models.downstream.exports import write_coco_zip, write_yolo_zip
 from models.downstream.mvtec import write_mvtec_zip
 from service.deps import ProducerDep, RecordsDep, SettingsDep, StorageDep, Tenant
+from service.downloads import download
 from service.errors import ApiError, describe_validation_errors, echo
+from service.idempotency import IdempotencyKey, file_digest, fingerprint, run_once
+from service.lifecycle import job_prefixes, purge_job
 from service.metrics import JOBS_SUBMITTED
+from service.pagination import DEFAULT_LIMIT, Cursor, Limit, decode_key_cursor, encode_key_cursor, page
 from service.records import TERMINAL, Records, now
 from service.schemas import (
     NAME_PATTERN,
@@ -22,11 +27,12 @@ from service.schemas import (
     Job,
     JobAccepted,
     JobCreate,
+    JobDeleted,
     JobKind,
     JobList,
     JobStatus,
 )
-from service.storage import LocalStorage, StorageError, check_key
+from service.storage import StorageError, check_key
 from service.submission import build_job, submit
 from service.uploads import store_exemplars, validate_exemplar
 
@@ -64,20 +70,29 @@ def _queue(records: Records, producer, job: dict) -> None:
 
 @router.post("", status_code=202, response_model=JobAccepted, responses=ERRORS)
 async def create_job(
-    body: JobCreate, tenant: Tenant, settings: SettingsDep, records: RecordsDep, producer: ProducerDep
+    body: JobCreate,
+    tenant: Tenant,
+    settings: SettingsDep,
+    records: RecordsDep,
+    producer: ProducerDep,
+    idempotency_key: IdempotencyKey = None,
 ):
-    """Queue a fine-tune, generate or evaluate job. Poll GET /v1/jobs/{id} for its progress."""
+    """Queue a fine-tune, generate or evaluate job. Poll GET /v1/jobs/{id} for its progress, or give a
+    `callback_url` to be called when it ends. With an `Idempotency-Key`, a retry returns the first
+    response and queues nothing."""
 
     def build_and_queue() -> dict:
         job = _build(settings, records, tenant, body)
         _queue(records, producer, job)
-        return job
+        return {"id": job["id"], "status": job["status"]}
 
     # The hot paths (submit, poll) take one hop to the thread pool for all their Redis round trips
     # and the publish, and serialise on the loop: a sync route would take two hops, and each hop
     # waits for the GIL, which under load costs more than the work itself.
-    job = await run_in_threadpool(build_and_queue)
-    return {"id": job["id"], "status": job["status"]}
+    request_fingerprint = fingerprint("POST /v1/jobs", body) if idempotency_key else None
+    return await run_in_threadpool(
+        run_once, records, tenant, idempotency_key, request_fingerprint, 202, JobAccepted, build_and_queue
+    )
 
 
 def _parse_json_object(field: str, raw: str) -> dict:
@@ -109,9 +124,16 @@ async def create_generate_job_from_files(
     seed: int | None = Form(None, ge=0, lt=2**32),
     product: str = Form("adhoc", pattern=NAME_PATTERN),
     defect: str = Form("anomaly", pattern=NAME_PATTERN),
+    callback_url: str | None = Form(None, max_length=2048, description="called when the job ends (see POST /v1/jobs)"),
+    idempotency_key: IdempotencyKey = None,
 ):
     """Ad hoc shortcut: upload one exemplar and its normals and queue a generate job in one call.
     All files are validated before anything is stored."""
+    request_fingerprint = None
+    if idempotency_key:
+        files = [await file_digest(f) for f in (image, mask, *normal)]
+        form = [method, count, params, masks, seed, product, defect, callback_url]
+        request_fingerprint = fingerprint("POST /v1/jobs/generate", {"files": files, "form": form})
     parsed = {field: _parse_json_object(field, raw) for field, raw in (("params", params), ("masks", masks))}
     anomaly = await validate_exemplar(settings, tenant, image, mask, product, defect)
     normals = [
@@ -130,6 +152,7 @@ async def create_generate_job_from_files(
             normals=[n.record["id"] for n in normals],
             masks=parsed["masks"],
             params=parsed["params"],
+            callback_url=callback_url,
         )
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", describe_validation_errors(exc.errors())) from None
@@ -140,10 +163,11 @@ async def create_generate_job_from_files(
         job = _build(settings, records, tenant, body, pending)
         store_exemplars(storage, records, [anomaly, *normals])
         _queue(records, producer, job)
-        return job
+        return {"id": job["id"], "status": job["status"]}
 
-    job = await run_in_threadpool(build_store_and_queue)
-    return {"id": job["id"], "status": job["status"]}
+    return await run_in_threadpool(
+        run_once, records, tenant, idempotency_key, request_fingerprint, 202, JobAccepted, build_store_and_queue
+    )
 
 
 @router.get("", response_model=JobList, responses={c: {"model": ErrorResponse} for c in (401, 422, 503)})
@@ -152,10 +176,14 @@ def list_jobs(
     records: RecordsDep,
     status: JobStatus | None = Query(None),
     kind: JobKind | None = Query(None),
-    limit: int = Query(50, ge=1, le=1000),
+    product: str | None = Query(None, max_length=64),
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
 ):
-    jobs = records.list_jobs(tenant, status, kind, limit)
-    return {"items": [public_job(j) for j in jobs]}
+    """The tenant's jobs, newest first, a page at a time (`next_cursor`); filters combine."""
+    filters = {"status": status, "kind": kind, "product": product}
+    jobs, next_cursor = page(records, "job", tenant, filters, limit, cursor)
+    return {"items": [public_job(j) for j in jobs], "next_cursor": next_cursor}
 
 
 @router.get("/{job_id}", response_model=Job, responses=ERRORS)
@@ -164,54 +192,120 @@ async def get_job(job_id: str, tenant: Tenant, records: RecordsDep):
     return public_job(await run_in_threadpool(_owned_job, records, tenant, job_id))
 
 
-@router.delete("/{job_id}", status_code=202, response_model=JobAccepted, responses=ERRORS)
-def cancel_job(job_id: str, tenant: Tenant, records: RecordsDep, settings: SettingsDep):
+@router.delete("/{job_id}", status_code=202, response_model=JobDeleted, responses=ERRORS)
+def cancel_job(
+    job_id: str,
+    tenant: Tenant,
+    records: RecordsDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    purge: bool = Query(False, description="also remove the job's record and every object it stored"),
+):
     """Cancel: a queued job is cancelled at once; a running one at its next step (within seconds);
-    a running one whose worker died (no heartbeat for WORKER_HEARTBEAT x 4 s) at once."""
+    a running one whose worker died (no heartbeat for WORKER_HEARTBEAT x 4 s) at once.
+
+    With `purge=true`, also delete the job's record and every object it stored (a finished job
+    too): at once for a job that is not running (`purged: true`), else by its worker when it stops,
+    within seconds (`purged: false`; the job then disappears). 409 `in_use` while a queued or
+    running job reads its outputs (its adapter, its pairs)."""
     job = _owned_job(records, tenant, job_id)
+    if purge:
+        return _purge(records, storage, settings, job)
     if job["status"] in TERMINAL:
         raise ApiError(409, "job_finished", f"job {job_id} is already {job['status']}")
+    return {"id": job_id, "status": _cancel(records, settings, job_id), "purged": False}
+
+
+def _cancel(records: Records, settings, job_id: str) -> str:
+    """Ask the job to stop; its status after that (cancelled, or still running until its next step)."""
     records.update_job(job_id, cancel_requested=True)
     if records.transition(job_id, ("queued",), status="cancelled", finished_at=now()):
-        return {"id": job_id, "status": "cancelled"}
+        return "cancelled"
     if records.cancel_if_orphaned(job_id, stale_before=now() - settings.orphan_after):
-        return {"id": job_id, "status": "cancelled"}
-    return {"id": job_id, "status": records.get_job_field(job_id, "status")}
+        return "cancelled"
+    return records.get_job_field(job_id, "status")
 
 
-def _artifact_prefixes(job_id: str) -> tuple[str, ...]:
-    return (f"jobs/{job_id}/", f"adapters/{job_id}/")
+def _purge(records: Records, storage, settings, job: dict) -> dict:
+    job_id = job["id"]
+    if job["status"] not in TERMINAL:
+        records.update_job(job_id, purge_requested=True)
+        _cancel(records, settings, job_id)
+        job = records.get_job(job_id)
+        if job is None:  # its worker stopped and purged it meanwhile
+            return {"id": job_id, "status": "cancelled", "purged": True}
+        if job["status"] not in TERMINAL:  # running: its worker purges it at its next step
+            return {"id": job_id, "status": job["status"], "purged": False}
+    blocking = purge_job(records, storage, job)
+    if blocking:
+        raise ApiError(409, "in_use", f"job {blocking} (queued or running) reads the outputs of job {job_id}")
+    return {"id": job_id, "status": job["status"], "purged": True}
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=ERRORS)
 def list_artifacts(
-    job_id: str, request: Request, tenant: Tenant, records: RecordsDep, storage: StorageDep, settings: SettingsDep
+    job_id: str,
+    request: Request,
+    tenant: Tenant,
+    records: RecordsDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
 ):
-    """Every stored output of the job, with a download URL (presigned on S3, through the API on disk)."""
+    """The job's stored outputs in key order, a page at a time, each with a download URL: presigned
+    on S3 where callers can reach it (S3_PUBLIC_ENDPOINT_URL), else through the API."""
     _owned_job(records, tenant, job_id)
     base = str(request.base_url).rstrip("/")
+    after = decode_key_cursor(cursor) if cursor else None
+    found = []
+    for prefix in job_prefixes(job_id):  # in key order, so one cursor runs through both
+        if after is not None and after >= prefix and not after.startswith(prefix):
+            continue  # the cursor is past this prefix
+        start = after if after is not None and after.startswith(prefix) else None
+        found += storage.list(prefix, start_after=start, limit=limit + 1 - len(found))
+        if len(found) > limit:
+            break
     items = []
-    for prefix in _artifact_prefixes(job_id):
-        for obj in storage.list(prefix):
-            url = storage.presigned_url(obj.key, settings.artifact_url_expiry)
-            items.append(
-                {"key": obj.key, "url": url or f"{base}/v1/jobs/{job_id}/artifacts/{obj.key}", "size": obj.size}
-            )
-    return {"items": items}
+    for obj in found[:limit]:
+        url = storage.presigned_url(obj.key, settings.artifact_url_expiry)
+        items.append({"key": obj.key, "url": url or f"{base}/v1/jobs/{job_id}/artifacts/{obj.key}", "size": obj.size})
+    next_cursor = encode_key_cursor(found[limit - 1].key) if len(found) > limit else None
+    return {"items": items, "next_cursor": next_cursor}
 
 
-def _write_export(storage, job: dict, records, out: Path) -> None:
+ExportFormat = Literal["mvtec", "coco", "yolo"]
+
+
+def _write_export(storage, job: dict, records, out: Path, export_format: ExportFormat) -> None:
     # Generators: each file is read from storage as it goes into the zip, one at a time.
-    files = ((obj.key, storage.get(obj.key)) for obj in storage.list(f"jobs/{job['id']}/"))
+    prefix = f"jobs/{job['id']}/"
     normal_records = (records.get_record("exemplar", job["tenant"], i) for i in job["normals"])
     normals = ((f"{r['id']}.png", storage.get(r["image_key"])) for r in normal_records if r is not None)
-    write_mvtec_zip(files, out, normals)
+    if export_format == "mvtec":
+        write_mvtec_zip(((obj.key, storage.get(obj.key)) for obj in storage.list(prefix)), out, normals)
+        return
+    manifest = json.loads(storage.get(prefix + "manifest.json"))
+    pairs = ((e["image"], storage.get(prefix + e["image"]), storage.get(prefix + e["mask"])) for e in manifest["pairs"])
+    writer = write_coco_zip if export_format == "coco" else write_yolo_zip
+    writer(pairs, out, manifest["defect"], normals)
 
 
 @router.get("/{job_id}/export", responses=ERRORS, response_class=FileResponse)
-def export_mvtec(job_id: str, tenant: Tenant, records: RecordsDep, storage: StorageDep):
-    """The job's pairs as an MVTec AD zip: test/<defect>/<n>.png, ground_truth/<defect>/<n>_mask.png,
-    and the normal images it used as train/good/."""
+def export_pairs(
+    job_id: str,
+    tenant: Tenant,
+    records: RecordsDep,
+    storage: StorageDep,
+    export_format: ExportFormat = Query("mvtec", alias="format"),
+):
+    """The job's pairs, and the normal images it used, as a zip for training:
+
+    - `mvtec`: the MVTec AD layout, test/<defect>/<n>.png, ground_truth/<defect>/<n>_mask.png, train/good/;
+    - `coco`: COCO instance segmentation, annotations.json (one instance per connected defect region, its
+      mask as compressed RLE, one category per defect type) and images/ (normals as images without
+      annotations);
+    - `yolo`: YOLO segmentation, data.yaml, images/train/ and labels/train/ (one polygon per region)."""
     job = _owned_job(records, tenant, job_id)
     if job["kind"] != "generate" or job["status"] != "succeeded":
         raise ApiError(
@@ -220,14 +314,14 @@ def export_mvtec(job_id: str, tenant: Tenant, records: RecordsDep, storage: Stor
     scratch = tempfile.mkdtemp()
     out = Path(scratch) / f"{job_id}.zip"
     try:
-        _write_export(storage, job, records, out)
+        _write_export(storage, job, records, out, export_format)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     return FileResponse(
         out,
         media_type="application/zip",
-        filename=f"{job['product'] or 'dataset'}-{job_id}.zip",
+        filename=f"{job['product'] or 'dataset'}-{job_id}{'' if export_format == 'mvtec' else '-' + export_format}.zip",
         background=BackgroundTask(shutil.rmtree, scratch, ignore_errors=True),
     )
 
@@ -240,9 +334,6 @@ def download_artifact(job_id: str, key: str, tenant: Tenant, records: RecordsDep
         check_key(key)
     except StorageError:
         raise ApiError(404, "artifact_not_found", f"no artifact {echo(key)}") from None
-    if not key.startswith(_artifact_prefixes(job_id)) or not storage.exists(key):
-        raise ApiError(404, "artifact_not_found", f"no artifact {echo(key)}")
-    media_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
-    if isinstance(storage, LocalStorage):
-        return FileResponse(storage.local_path(key), media_type=media_type)
-    return Response(storage.get(key), media_type=media_type)
+    if not key.startswith(job_prefixes(job_id)) or not storage.exists(key):
+        raise ApiError(404, "artifact_not_found", f"no artifact {echo(key)}")  # checked here to say so
+    return download(storage, key)
