@@ -1,8 +1,11 @@
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from service.auth import current_tenant
+from service.errors import ApiError
 from service.schemas import NAME_PATTERN, ErrorResponse, Exemplar, ExemplarList
+from service.thumbnails import CACHE_CONTROL, THUMB_MAX, THUMB_MIN, thumbnail_response
 from service.uploads import public_exemplar, store_exemplars, validate_exemplar
 
 router = APIRouter(prefix="/v1/exemplars", tags=["exemplars"])
@@ -43,3 +46,37 @@ def list_exemplars(
         and (kind is None or r["kind"] == kind)
     ]
     return {"items": items}
+
+
+def _stored_image(request: Request, tenant: str, exemplar_id: str, which: str, thumb: int | None) -> Response:
+    record = request.app.state.records.get_record("exemplar", tenant, exemplar_id)
+    if record is None:  # another tenant's exemplar is "not found" too
+        raise ApiError(404, "exemplar_not_found", f"no exemplar {exemplar_id!r}")
+    key = record[f"{which}_key"]
+    if key is None:
+        raise ApiError(404, "no_mask", f"exemplar {exemplar_id} is a normal image: it has no mask")
+    data = request.app.state.storage.get(key)
+    if thumb is not None:
+        return thumbnail_response(request, data, thumb)
+    # An exemplar never changes after its upload.
+    return Response(data, media_type="image/png", headers={"Cache-Control": CACHE_CONTROL})
+
+
+THUMB = Query(None, ge=THUMB_MIN, le=THUMB_MAX, description="an image scaled to fit this many px")
+IMAGE_ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 422)}
+
+
+@router.get("/{exemplar_id}/image", response_class=Response, responses=IMAGE_ERRORS)
+def exemplar_image(
+    exemplar_id: str, request: Request, thumb: int | None = THUMB, tenant: str = Depends(current_tenant)
+):
+    """The exemplar's image as stored (PNG); with `thumb`, a small JPEG."""
+    return _stored_image(request, tenant, exemplar_id, "image", thumb)
+
+
+@router.get("/{exemplar_id}/mask", response_class=Response, responses=IMAGE_ERRORS)
+def exemplar_mask(
+    exemplar_id: str, request: Request, thumb: int | None = THUMB, tenant: str = Depends(current_tenant)
+):
+    """An anomaly exemplar's mask (PNG, 0/255); with `thumb`, a small one that keeps every defect pixel."""
+    return _stored_image(request, tenant, exemplar_id, "mask", thumb)

@@ -28,6 +28,7 @@ from service.schemas import (
 )
 from service.storage import LocalStorage, StorageError, check_key
 from service.submission import build_job, submit
+from service.thumbnails import THUMB_MAX, THUMB_MIN, thumbnail_response
 from service.uploads import store_exemplars, validate_exemplar
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -207,8 +208,15 @@ async def export_mvtec(job_id: str, request: Request, tenant: str = Depends(curr
 
 
 @router.get("/{job_id}/artifacts/{key:path}", responses=ERRORS, response_class=Response)
-def download_artifact(job_id: str, key: str, request: Request, tenant: str = Depends(current_tenant)):
-    """Download one artifact by its key (as listed)."""
+def download_artifact(
+    job_id: str,
+    key: str,
+    request: Request,
+    thumb: int | None = Query(None, ge=THUMB_MIN, le=THUMB_MAX, description="an image scaled to fit this many px"),
+    tenant: str = Depends(current_tenant),
+):
+    """Download one artifact by its key (as listed); with `thumb`, a small JPEG of an image (a mask
+    stays a PNG mask)."""
     _owned_job(request, tenant, job_id)
     storage = request.app.state.storage
     try:
@@ -217,6 +225,8 @@ def download_artifact(job_id: str, key: str, request: Request, tenant: str = Dep
         raise ApiError(404, "artifact_not_found", f"no artifact {key!r}") from None
     if not key.startswith(_artifact_prefixes(job_id)) or not storage.exists(key):
         raise ApiError(404, "artifact_not_found", f"no artifact {key!r}")
+    if thumb is not None:
+        return thumbnail_response(request, storage.get(key), thumb)
     media_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
     if isinstance(storage, LocalStorage):
         return FileResponse(storage.local_path(key), media_type=media_type)
