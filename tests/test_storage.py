@@ -9,33 +9,17 @@ import httpx
 import pytest
 
 from service.storage import LocalStorage, S3Storage, StorageError, check_key, open_storage
-from tests.conftest import client_for, defect_mask, make_env, png_bytes, product_image, upload, wait_for_job
-from tests.processes import free_port, start_api, start_worker
-
-BUCKET = "anomaly-test"
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ENDPOINT_URL_S3": endpoint,
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        yield env
-    server.stop()
+from tests.conftest import (
+    S3_BUCKET,
+    client_for,
+    defect_mask,
+    make_env,
+    png_bytes,
+    product_image,
+    upload,
+    wait_for_job,
+)
+from tests.processes import start_api, start_worker
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -43,7 +27,7 @@ def storage(request, tmp_path):
     if request.param == "local":
         return open_storage(f"file://{tmp_path}")
     request.getfixturevalue("s3_server")
-    return open_storage(f"s3://{BUCKET}/unit-{tmp_path.name}")
+    return open_storage(f"s3://{S3_BUCKET}/unit-{tmp_path.name}")
 
 
 def test_put_get_list_exists_delete(storage):
@@ -86,7 +70,7 @@ def test_unsupported_storage_url():
 
 def test_generate_job_on_redis_and_s3(s3_server, redis_url, tmp_path):
     # A Redis database of its own, so the session's worker (on local storage) cannot take this job.
-    env = make_env(redis_url.rsplit("/", 1)[0] + "/1", f"s3://{BUCKET}/e2e", **s3_server)
+    env = make_env(redis_url.rsplit("/", 1)[0] + "/1", f"s3://{S3_BUCKET}/e2e", **s3_server)
     worker = start_worker(env, tmp_path / "worker.log", queues="gpu", name="s3")
     api, base = start_api(env, tmp_path / "api.log")
     try:
