@@ -1,9 +1,11 @@
-"""Small previews of stored images for the web page's grids (`?thumb=<side>` on image downloads).
+"""Thumbnails of stored images on request (`?thumb=<side>` on image downloads).
 
-Made on request with Pillow rather than written beside every pair: a thumbnail of a 512 px pair
-costs a few milliseconds, works for every job already stored (and for exemplars and plots), and
-leaves the job's output layout and its MVTec export as they are. Browsers keep them (the
-response is cacheable and has an ETag), so a page seen twice costs nothing.
+Generate jobs write a 256 px thumbnail of every pair beside it (jobs/<id>/thumbs/), which the
+web page's grid uses: decoding a 512 px PNG to scale it costs ~50 ms of the API's CPU (1024 px:
+~120 ms), so a gallery made on request would cost the API seconds per screenful and compete
+with every other client. This route covers everything else, cheaply enough for a few images at
+a time: exemplars in the job form, plots, jobs stored before thumbnails were written, any size.
+Responses are cacheable and carry an ETag, so a browser asks once.
 """
 
 import hashlib
@@ -12,12 +14,12 @@ import io
 from fastapi import Request, Response
 from PIL import Image
 
+from models.thumbnails import looks_like_mask, thumbnail
 from service.errors import ApiError
 
 THUMB_MIN, THUMB_MAX = 16, 1024
-JPEG_QUALITY = 82
-# Thumbnails of stored objects never change: a key is written once per job (a redelivery writes
-# the same bytes), so a browser may keep one for a day without asking again.
+# A stored object never changes: a key is written once per job (a redelivery writes the same
+# bytes), and exemplars are immutable, so a browser may keep one for a day without asking again.
 CACHE_CONTROL = "private, max-age=86400"
 
 
@@ -26,39 +28,13 @@ def thumbnail_etag(source: bytes, side: int) -> str:
 
 
 def make_thumbnail(source: bytes, side: int) -> tuple[bytes, str]:
-    """The image scaled to fit `side` x `side` (never enlarged): (bytes, media type).
-
-    A binary image (a mask: only 0 and 255) stays a PNG mask and is scaled so that a defect never
-    disappears: any source pixel of the mask marks its thumbnail pixel, so a 1-px scratch still
-    shows. Everything else becomes a JPEG (RGBA plots on white)."""
+    """The stored image `source` scaled to fit `side`: a JPEG, or a binary PNG for a mask."""
     try:
         image = Image.open(io.BytesIO(source))
         image.load()
     except Exception:
         raise ApiError(415, "not_an_image", "thumbnails are made of images only") from None
-    out = io.BytesIO()
-    if _is_mask(image):
-        image = image.convert("L")
-        image.thumbnail((side, side), Image.Resampling.BOX)
-        image.point(lambda v: 255 if v > 0 else 0).save(out, format="PNG", optimize=True)
-        return out.getvalue(), "image/png"
-    image.thumbnail((side, side), Image.Resampling.LANCZOS)
-    if image.mode in ("RGBA", "LA", "P", "PA"):
-        image = image.convert("RGBA")
-        flat = Image.new("RGB", image.size, "white")
-        flat.paste(image, mask=image.getchannel("A"))
-        image = flat
-    elif image.mode not in ("L", "RGB"):
-        image = image.convert("RGB")
-    image.save(out, format="JPEG", quality=JPEG_QUALITY, optimize=True)
-    return out.getvalue(), "image/jpeg"
-
-
-def _is_mask(image: Image.Image) -> bool:
-    if image.mode == "1":
-        return True
-    colors = image.getcolors(2) if image.mode == "L" else None  # None: more than two grey levels
-    return colors is not None and {value for _, value in colors} <= {0, 255}
+    return thumbnail(image, side, mask=looks_like_mask(image))
 
 
 def thumbnail_response(request: Request, source: bytes, side: int) -> Response:

@@ -40,7 +40,8 @@ def skip_or_fail(reason: str):
 
 
 def start_chromium(width: int = 1366, height: int = 900):
-    """A fresh headless Chromium with its own profile and the browser console log readable."""
+    """A fresh headless Chromium with its own profile, the browser console log readable, and
+    downloads saved to `driver.download_dir`."""
     binaries = chromium_binaries()
     if binaries is None:
         skip_or_fail("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
@@ -51,7 +52,11 @@ def start_chromium(width: int = 1366, height: int = 900):
         skip_or_fail("selenium is not installed (pip install -e '.[dev]')")
     browser, driver_path = binaries
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    downloads = Path(profile) / "downloads"
     options = webdriver.ChromeOptions()
+    options.add_experimental_option(
+        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    )
     options.binary_location = browser
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
@@ -61,6 +66,7 @@ def start_chromium(width: int = 1366, height: int = 900):
     driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
     driver.set_page_load_timeout(30)
     driver.profile_dir = profile
+    driver.download_dir = downloads
     return driver
 
 

@@ -95,11 +95,11 @@ def evaluated(acme):
 S3_BUCKET = "anomaly-test"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3_server():
     """An S3-speaking HTTP server with one bucket, and boto3's settings for it (also set in this
-    process's environment while the module runs). moto's server mode stands in for MinIO, a server
-    outside our control; boto3 talks to it over HTTP as it would to MinIO."""
+    process's environment from then on). moto's server mode stands in for MinIO, a server outside
+    our control; boto3 talks to it over HTTP as it would to MinIO."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -118,6 +118,19 @@ def s3_server():
         boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
         yield env
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_api_url(s3_server, redis_url, tmp_path_factory):
+    """A second service, a worker and the API, on S3 storage (bucket prefix `e2e`) with a Redis
+    database of its own, so the session's worker (on local storage) never takes its jobs."""
+    env = make_env(redis_url.rsplit("/", 1)[0] + "/1", f"s3://{S3_BUCKET}/e2e", **s3_server)
+    logs = tmp_path_factory.mktemp("s3-service")
+    worker = start_worker(env, logs / "worker.log", queues="gpu", name="s3")
+    api, base = start_api(env, logs / "api.log")
+    yield base
+    api.stop()
+    worker.stop()
 
 
 def client_for(base: str, tenant: str) -> httpx.Client:

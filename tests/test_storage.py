@@ -13,13 +13,11 @@ from tests.conftest import (
     S3_BUCKET,
     client_for,
     defect_mask,
-    make_env,
     png_bytes,
     product_image,
     upload,
     wait_for_job,
 )
-from tests.processes import start_api, start_worker
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -68,43 +66,35 @@ def test_unsupported_storage_url():
     assert check_key("jobs/x/y.png") == "jobs/x/y.png"
 
 
-def test_generate_job_on_redis_and_s3(s3_server, redis_url, tmp_path):
-    # A Redis database of its own, so the session's worker (on local storage) cannot take this job.
-    env = make_env(redis_url.rsplit("/", 1)[0] + "/1", f"s3://{S3_BUCKET}/e2e", **s3_server)
-    worker = start_worker(env, tmp_path / "worker.log", queues="gpu", name="s3")
-    api, base = start_api(env, tmp_path / "api.log")
-    try:
-        client = client_for(base, "acme")
-        anomaly = upload(
-            client, png_bytes(product_image(64, 96, rgb=True)), png_bytes(defect_mask(64, 96)), defect="stain"
-        ).json()
-        normal = upload(client, png_bytes(product_image(64, 96, rgb=True, seed=9))).json()
-        job_id = client.post(
-            "/v1/jobs",
-            json={
-                "kind": "generate",
-                "method": "cutpaste",
-                "count": 4,
-                "exemplars": [anomaly["id"]],
-                "normals": [normal["id"]],
-                "masks": {"source": "exemplar"},
-            },
-        ).json()["id"]
-        job = wait_for_job(client, job_id)
-        assert job["status"] == "succeeded", job
-        items = client.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]
-        assert len(items) == 4 + 4 + 2
-        image = next(a for a in items if a["key"].endswith("images/stain/0.png"))
-        assert image["url"].startswith(s3_server["AWS_ENDPOINT_URL_S3"])  # presigned, straight from S3
-        direct = httpx.get(image["url"])
-        assert direct.status_code == 200 and direct.content[:8] == b"\x89PNG\r\n\x1a\n"
-        assert len(direct.content) == image["size"]
-        # the API also serves it (same bytes) for callers that cannot reach S3
-        assert client.get(f"/v1/jobs/{job_id}/artifacts/{image['key']}").content == direct.content
-        assert httpx.get(base + "/readyz").json()["checks"]["storage"] == "ok"
-    finally:
-        api.stop()
-        worker.stop()
+def test_generate_job_on_redis_and_s3(s3_server, s3_api_url):
+    client = client_for(s3_api_url, "acme")
+    anomaly = upload(
+        client, png_bytes(product_image(64, 96, rgb=True)), png_bytes(defect_mask(64, 96)), defect="stain"
+    ).json()
+    normal = upload(client, png_bytes(product_image(64, 96, rgb=True, seed=9))).json()
+    job_id = client.post(
+        "/v1/jobs",
+        json={
+            "kind": "generate",
+            "method": "cutpaste",
+            "count": 4,
+            "exemplars": [anomaly["id"]],
+            "normals": [normal["id"]],
+            "masks": {"source": "exemplar"},
+        },
+    ).json()["id"]
+    job = wait_for_job(client, job_id)
+    assert job["status"] == "succeeded", job
+    items = client.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]
+    assert len(items) == 4 * 4 + 2  # images, masks, their thumbnails; manifest, preview
+    image = next(a for a in items if a["key"].endswith("images/stain/0.png"))
+    assert image["url"].startswith(s3_server["AWS_ENDPOINT_URL_S3"])  # presigned, straight from S3
+    direct = httpx.get(image["url"])
+    assert direct.status_code == 200 and direct.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(direct.content) == image["size"]
+    # the API also serves it (same bytes) for callers that cannot reach S3
+    assert client.get(f"/v1/jobs/{job_id}/artifacts/{image['key']}").content == direct.content
+    assert httpx.get(s3_api_url + "/readyz").json()["checks"]["storage"] == "ok"
 
 
 def test_put_file_and_get_file(storage, tmp_path):

@@ -1,6 +1,7 @@
 """Thumbnails (`?thumb=<side>`) of artifacts and exemplars, for the web page's grids."""
 
 import io
+import zipfile
 
 import numpy as np
 import pytest
@@ -109,3 +110,23 @@ def test_exemplar_images_and_masks(acme, globex, small_job):
     for path in (f"/v1/exemplars/{anomaly['id']}/image", f"/v1/exemplars/{anomaly['id']}/mask", "/v1/exemplars/0/mask"):
         response = globex.get(path)
         assert response.status_code == 404 and response.json()["error"]["code"] == "exemplar_not_found", path
+
+
+def test_generate_jobs_write_a_thumbnail_of_every_pair(acme, small_job):
+    job_id, _, _ = small_job
+    job = acme.get(f"/v1/jobs/{job_id}").json()
+    assert job["result"]["thumbnail_side"] == 256 and job["result"]["thumbnails"] == f"jobs/{job_id}/thumbs/"
+    base = f"/v1/jobs/{job_id}/artifacts/jobs/{job_id}"
+    for index in range(2):
+        image = acme.get(f"{base}/thumbs/dent/{index}.jpg")
+        assert image.headers["content-type"] == "image/jpeg"
+        thumb = _open(image.content)
+        full = _open(acme.get(f"{base}/images/dent/{index}.png").content)
+        assert thumb.format == "JPEG" and thumb.size == full.size == (128, 96)  # smaller than 256: as it is
+        assert np.abs(np.asarray(thumb, np.int16) - np.asarray(full, np.int16)).mean() < 8  # JPEG of a noisy image
+        mask = np.asarray(_open(acme.get(f"{base}/thumbs/dent/{index}_mask.png").content))
+        assert np.array_equal(mask, np.asarray(_open(acme.get(f"{base}/masks/dent/{index}_mask.png").content)))
+    # The MVTec export holds the pairs, not their thumbnails.
+    with zipfile.ZipFile(io.BytesIO(acme.get(f"/v1/jobs/{job_id}/export").content)) as archive:
+        names = archive.namelist()
+    assert "test/dent/0.png" in names and not [n for n in names if "thumbs" in n or n.endswith(".jpg")]

@@ -3,6 +3,10 @@
     jobs/<id>/images/<defect>/<n>.png, jobs/<id>/masks/<defect>/<n>_mask.png,
     jobs/<id>/manifest.json, jobs/<id>/preview.png
 
+and, for the web page's grid, a 256 px thumbnail of each: jobs/<id>/thumbs/<defect>/<n>.jpg and
+<n>_mask.png (made here from the pixels in memory, a few ms a pair, rather than by the API
+decoding the full PNG for every view).
+
 Keys depend only on the job and the pair index, so a redelivered job overwrites, never duplicates.
 """
 
@@ -12,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from models.preview import contact_sheet
+from models.thumbnails import THUMBNAIL_SIDE, thumbnail
 from workers.context import JobContext
 from workers.metrics import PAIRS_GENERATED
 
@@ -32,8 +37,15 @@ class GenerateOutputs:
         mask (where a weakly labelled image really changed) goes beside, outside the MVTec folders."""
         image_path = f"images/{self.defect}/{index}.png"
         mask_path = f"masks/{self.defect}/{index}_mask.png"
+        mask_image = Image.fromarray(mask, mode="L")
         self.context.put_png(self.context.prefix + image_path, image)
-        self.context.put_png(self.context.prefix + mask_path, Image.fromarray(mask, mode="L"))
+        self.context.put_png(self.context.prefix + mask_path, mask_image)
+        for path, picture, is_mask in (
+            (f"thumbs/{self.defect}/{index}.jpg", image, False),
+            (f"thumbs/{self.defect}/{index}_mask.png", mask_image, True),
+        ):
+            data, media_type = thumbnail(picture, THUMBNAIL_SIDE, mask=is_mask)
+            self.context.storage.put(self.context.prefix + path, data, media_type)
         if refined_mask is not None:
             entry["refined_mask"] = f"refined_masks/{self.defect}/{index}_mask.png"
             self.context.put_png(self.context.prefix + entry["refined_mask"], Image.fromarray(refined_mask, mode="L"))
@@ -66,4 +78,6 @@ class GenerateOutputs:
             "prefix": prefix,
             "manifest": prefix + "manifest.json",
             "preview": prefix + "preview.png",
+            "thumbnails": prefix + "thumbs/",
+            "thumbnail_side": THUMBNAIL_SIDE,
         }

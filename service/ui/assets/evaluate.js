@@ -14,7 +14,7 @@ const COLUMNS = [
   ["pixel_f1_max", "pixel F1-max", (a) => a.segmentation.overall.pixel_f1_max, true],
   ["image_f1_max", "image F1-max", (a) => a.segmentation.overall.image_f1_max, true],
   ["aupro", "AUPRO", (a) => a.segmentation.overall.aupro, true],
-  ["classification", "classification accuracy", (a) => a.classification?.accuracy ?? null, true],
+  ["classification", "class. accuracy", (a) => a.classification?.accuracy ?? null, true],
   ["leakage", "mask leakage", (a) => a.mask_fidelity?.leakage ?? null, false],
   ["fill", "mask fill", (a) => a.mask_fidelity?.fill ?? null, true],
 ];

@@ -2,9 +2,11 @@
 // one pair (normal | synthetic | mask, with its manifest entry).
 //
 // The grid needs nothing but the job: pair n is images/<defect>/<n>.png and
-// masks/<defect>/<n>_mask.png (the output layout of the REST contract), so the first screenful
-// costs the job record and the thumbnails on screen. The manifest (seed, source normal per pair)
-// and the file listing (presigned URLs on S3) are fetched when the large view first needs them.
+// masks/<defect>/<n>_mask.png (the output layout of the REST contract), with 256 px thumbnails
+// of both in thumbs/<defect>/ (jobs stored before those were written: the API scales the pair on
+// request), so the first screenful costs the job record and the thumbnails on screen. The
+// manifest (seed, source normal per pair) and the file listing (presigned URLs on S3) are
+// fetched when the large view first needs them.
 
 import {api, artifactUrl, exemplarUrl, ImageLoader} from "./api.js";
 import {errorBox, h, replace} from "./dom.js";
@@ -18,6 +20,16 @@ const OVERLAY_SIDE = 1024;
 export function pairKeys(job, index) {
   const prefix = `jobs/${job.id}/`;
   return {image: `${prefix}images/${job.defect}/${index}.png`, mask: `${prefix}masks/${job.defect}/${index}_mask.png`};
+}
+
+// URLs of pair `index`'s thumbnails: the ones the worker wrote, or the API's on request.
+function thumbnailUrls(job, index) {
+  const keys = pairKeys(job, index);
+  if (job.result?.thumbnail_side >= THUMB) {
+    const folder = `jobs/${job.id}/thumbs/${job.defect}/${index}`;
+    return {image: artifactUrl(job.id, `${folder}.jpg`), mask: artifactUrl(job.id, `${folder}_mask.png`)};
+  }
+  return {image: artifactUrl(job.id, keys.image, THUMB), mask: artifactUrl(job.id, keys.mask, THUMB)};
 }
 
 export function gallery(container, job, {loader, files, query, navigate}) {
@@ -80,7 +92,7 @@ export function gallery(container, job, {loader, files, query, navigate}) {
     }
     const index = Number(cell.dataset.index);
     if (!masks.has(index)) {
-      masks.set(index, pageLoader.load(artifactUrl(job.id, pairKeys(job, index).mask, THUMB)).then(readMask));
+      masks.set(index, pageLoader.load(thumbnailUrls(job, index).mask).then(readMask));
     }
     masks.get(index).then((mask) => drawMask(canvas, mask, mode), () => {});
   }
@@ -88,7 +100,7 @@ export function gallery(container, job, {loader, files, query, navigate}) {
   function loadCell(cell) {
     const index = Number(cell.dataset.index);
     const image = cell.querySelector("img");
-    pageLoader.load(artifactUrl(job.id, pairKeys(job, index).image, THUMB)).then((url) => {
+    pageLoader.load(thumbnailUrls(job, index).image).then((url) => {
       image.src = url;
       cell.dataset.loaded = "1";
       overlay(cell);

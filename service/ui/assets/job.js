@@ -12,7 +12,7 @@ const KIND_TITLES = {generate: "Generate job", finetune: "Fine-tune job", evalua
 
 function facts(job) {
   const rows = [
-    ["Method", job.method || "–"],
+    job.kind !== "evaluate" ? ["Method", job.method] : null,
     ["Product", job.product || "–"],
     job.kind === "generate" ? ["Defect", job.defect] : null,
     job.kind === "generate" ? ["Pairs asked", job.count] : null,
@@ -29,9 +29,23 @@ function facts(job) {
   return h("dl", {class: "facts"}, rows.map(([term, value]) => [h("dt", {}, term), h("dd", {}, value)]));
 }
 
+// One line for the head of the page; everything else in a details element below it.
+function summaryLine(job) {
+  const parts = [
+    job.method,
+    [job.product, job.defect].filter(Boolean).join(" / "),
+    job.kind === "generate" ? `${job.count} pairs` : null,
+    job.kind === "evaluate" ? `${job.generated.length} generate job(s)` : null,
+    job.kind !== "evaluate" ? `seed ${job.seed}` : null,
+    `created ${formatTime(job.created_at)}`,
+    job.finished_at && job.started_at ? `took ${formatDuration(job.finished_at - job.started_at)}` : null,
+  ];
+  return h("p", {class: "summary-line"}, parts.filter(Boolean).join(" · "));
+}
+
 function requestDetails(job) {
   const request = {params: job.params, masks: job.masks, exemplars: job.exemplars, normals: job.normals};
-  return h("details", {class: "request"}, h("summary", {}, "Request parameters"),
+  return h("details", {class: "request"}, h("summary", {}, "Details and request"), facts(job),
     h("pre", {class: "json"}, JSON.stringify(request, null, 2)));
 }
 
@@ -65,7 +79,7 @@ export function jobView(main, {params: [jobId], query, navigate}) {
     progress.replaceChildren(progressBlock(job, eta.observe(job)));
     if (job.status !== lastStatus) {
       lastStatus = job.status;
-      details.replaceChildren(facts(job), requestDetails(job));
+      details.replaceChildren(summaryLine(job), requestDetails(job));
       actions.replaceChildren(ACTIVE.includes(job.status)
         ? cancelButton(job, poll, (error) => problem.replaceChildren(errorBox(error, "Cancel failed:"))) : "");
       problem.replaceChildren(job.error ? errorBox(job.error, `The job ${job.status}:`) : "");
