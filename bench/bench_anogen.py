@@ -28,8 +28,8 @@ from PIL import Image
 from bench.diffusion_setup import bench_model, diffusion_arguments, fmt, timed
 from models.diffusion.loading import StableDiffusion, fresh_scheduler
 from models.diffusion.textual_inversion import LearnedEmbedding, initial_vectors
-from models.methods import anogen
-from models.methods.params import AnoGenParams
+from models.methods.anogen import AnoGenParams
+from models.methods.anogen import pipeline as anogen
 
 PROMPT = "a photo of a defect"
 TARGET_RATIO = 1.10

@@ -32,8 +32,10 @@ from PIL import Image
 from bench.diffusion_setup import bench_model, diffusion_arguments, fmt, timed
 from models.diffusion.loading import StableDiffusion
 from models.diffusion.textual_inversion import LearnedEmbedding, initial_vectors
-from models.methods import anogen, o2mag
-from models.methods.params import AnoGenParams, O2MAGParams
+from models.methods.anogen import AnoGenParams
+from models.methods.anogen import pipeline as anogen
+from models.methods.o2mag import O2MAGParams
+from models.methods.o2mag import pipeline as o2mag
 
 TARGET_RATIO = 3.3
 AGO_TIMED_STEPS = 3

@@ -131,6 +131,7 @@ class MethodDescription(BaseModel):
     default_mask_source: str
     mask_sources: list[str]
     summary: str
+    weights: list[str] = Field(description="settings naming the local weight directories it needs")
     params_schema: dict
 
 

@@ -96,11 +96,11 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
         raise ApiError(
             422, "unsupported_kind", f"{method.name} runs {' and '.join(method.kinds)} jobs, not {body.kind}"
         )
-    reason = method.unavailable_reason(settings.sd_model_dir)
+    reason = method.unavailable_reason(settings.weight_dirs)
     if reason:
         raise ApiError(409, "method_unavailable", f"{method.name} is not available here: {reason}")
     try:
-        params = method.params_model.model_validate(body.params)
+        params = method.params.model_validate(body.params)
     except ValidationError as exc:
         raise ApiError(422, "invalid_params", describe_validation_errors(exc.errors())) from None
     if body.count > settings.max_count:
@@ -110,12 +110,16 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
     normals = _exemplars(body.normals, lookup, "normal", "normals")
     if body.kind == "generate" and not normals:
         raise ApiError(422, "normals_required", "a generate job needs at least one normal image in `normals`")
-    if method.family == "training-free" and len(exemplars) != 1:
+    if body.kind == "generate" and method.generate_needs_references and not exemplars:
         raise ApiError(
-            422, "one_reference_required", f"{method.name} takes exactly one reference anomaly in `exemplars`"
+            422, "references_required", f"{method.name} copies reference anomalies: list at least one in `exemplars`"
         )
     if body.kind == "finetune" and not exemplars:
         raise ApiError(422, "exemplars_required", "a fine-tune job needs at least one exemplar in `exemplars`")
+    if body.kind == "finetune" and method.finetune_needs_normals and not normals:
+        raise ApiError(
+            422, "normals_required", f"{method.name} fine-tunes on normal images too: list some in `normals`"
+        )
 
     masks = body.masks.model_copy(update={"source": body.masks.source or method.default_mask_source})
     if masks.source not in method.mask_sources:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from models.diffusion.textual_inversion import LearnedEmbedding
-from models.methods import anogen
-from models.methods.params import AnoGenParams
+from models.methods.anogen import AnoGenParams
+from models.methods.anogen import pipeline as anogen
 from tests.diffusion_fixtures import box_mask, textured_image
 
 pytest_plugins = ["tests.diffusion_fixtures"]

@@ -1,4 +1,4 @@
-"""O2MAG through the API with a real worker: one reference anomaly, three normals, no fine-tune job.
+"""O2MAG through the API with a real worker: reference anomalies, three normals, no fine-tune job.
 
 The model is the tiny random-weight SD of tests/conftest.py, loaded by the worker's production loader."""
 
@@ -76,10 +76,15 @@ def test_progress_moves_and_cancel_works(acme):
     assert wait_for_job(acme, job_id, timeout=15)["status"] == "cancelled"
 
 
-def test_o2mag_takes_exactly_one_reference(acme):
+def test_outputs_are_spread_over_several_references_and_none_is_refused(acme):
     reference, normals = _inputs(acme, seed=2)
     other, _ = _inputs(acme, seed=3)
-    for exemplars in ([], [reference, other]):
-        response = acme.post("/v1/jobs", json={"kind": "generate", "method": "o2mag", "exemplars": exemplars,
-                                               "normals": normals, "masks": {"source": "box"}})
-        assert response.status_code == 422 and response.json()["error"]["code"] == "one_reference_required"
+    body = {"kind": "generate", "method": "o2mag", "normals": normals[:1], "count": 4, "seed": 1, "params": TINY}
+    response = acme.post("/v1/jobs", json=body | {"exemplars": []})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "references_required"
+
+    job = wait_for_job(acme, acme.post("/v1/jobs", json=body | {"exemplars": [reference, other]}).json()["id"],
+                       timeout=180)
+    assert job["status"] == "succeeded", job
+    manifest = acme.get(f"/v1/jobs/{job['id']}/artifacts/jobs/{job['id']}/manifest.json").json()
+    assert [p["reference"] for p in manifest["pairs"]] == [reference, other, reference, other]

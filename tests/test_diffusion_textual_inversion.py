@@ -11,6 +11,8 @@ from models.diffusion.textual_inversion import (
     placeholder_tokens,
     train_embedding,
 )
+from models.diffusion.training import CHECKPOINT_FILE
+from models.methods.interface import Checkpoints
 
 pytest_plugins = ["tests.diffusion_fixtures"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -95,21 +97,23 @@ def test_a_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tiny_sd, tr
         if done == 5:
             raise Crash
 
+    saved = []
+    checkpoints = Checkpoints(tmp_path, every=2, saved=lambda: saved.append(1))
     with pytest.raises(Crash):
-        train(tiny_sd, training_data, steps=6, checkpoint_dir=tmp_path, checkpoint_every=2, on_progress=crash_at_five)
-    assert (tmp_path / "embedding_checkpoint.safetensors").is_file()
+        train(tiny_sd, training_data, steps=6, checkpoints=checkpoints, on_progress=crash_at_five)
+    assert (tmp_path / CHECKPOINT_FILE).is_file() and len(saved) == 2  # after steps 2 and 4
 
     progress = []
-    resumed = train(tiny_sd, training_data, steps=6, checkpoint_dir=tmp_path, checkpoint_every=2,
+    resumed = train(tiny_sd, training_data, steps=6, checkpoints=checkpoints,
                     on_progress=lambda done, total: progress.append(done))
     assert progress == [5, 6]  # continued from the step-4 checkpoint
     assert torch.equal(resumed.vectors, uninterrupted.vectors)
 
 
 def test_a_checkpoint_of_another_run_is_refused(tiny_sd, training_data, tmp_path):
-    train(tiny_sd, training_data, steps=3, checkpoint_dir=tmp_path, checkpoint_every=2)
+    train(tiny_sd, training_data, steps=3, checkpoints=Checkpoints(tmp_path, every=2))
     with pytest.raises(ValueError, match="belongs to a different training run"):
-        train(tiny_sd, training_data, steps=3, checkpoint_dir=tmp_path, learning_rate=0.1)
+        train(tiny_sd, training_data, steps=3, checkpoints=Checkpoints(tmp_path, every=2), learning_rate=0.1)
 
 
 def test_saved_and_loaded_embeddings_are_identical(tmp_path):

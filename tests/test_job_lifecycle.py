@@ -73,34 +73,62 @@ def isolated(tmp_path):
     redis_proc.stop()
 
 
-def test_worker_killed_mid_job_is_redelivered_without_duplicates(isolated, tmp_path):
+def test_a_killed_generate_job_resumes_where_it_stopped_without_duplicates(isolated, tmp_path):
     """The killed worker's job comes back through orphan recovery (its heartbeat stops), long before
-    the broker's visibility timeout (600 s here) would have redelivered it."""
+    the broker's visibility timeout (600 s here) would have redelivered it. The new delivery keeps
+    the pairs already stored and makes only the rest, byte-identical to an uninterrupted run."""
     env, base, _ = isolated
-    env = dict(env, VISIBILITY_TIMEOUT="600", WORKER_HEARTBEAT="1")
+    env = dict(env, JOB_TIME_LIMIT="300", VISIBILITY_TIMEOUT="600", WORKER_HEARTBEAT="1")
     client = client_for(base, "acme")
     inputs = _inputs(client)
-    count = 120
+    count = 200
     first = start_worker(env, tmp_path / "worker1.log", queues="gpu", name="doomed")
     job_id = _long_job(client, inputs, count=count)
-    wait_until(lambda: _running_with_progress(client, job_id), 30, "the job to run")
+    at_kill = wait_until(lambda: (job := _running_with_progress(client, job_id)) and job["progress"]["done"] >= 40
+                         and job, 60, "the job to pass 40 pairs")
     first.kill()  # SIGKILL to the worker and its pool child: no chance to ack, requeue or clean up
     assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+    images = tmp_path / "storage" / "jobs" / job_id / "images" / "pit"
+    kept = {path.name: path.stat().st_mtime_ns for path in images.iterdir()}
+    assert len(kept) >= at_kill["progress"]["done"]
 
     second = start_worker(env, tmp_path / "worker2.log", queues="gpu", name="rescuer")
+    lowest_done = count
+
+    def finished():
+        nonlocal lowest_done
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        lowest_done = min(lowest_done, job["progress"]["done"])
+        return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
     try:
-        job = wait_for_job(client, job_id, timeout=90)
+        job = wait_until(finished, 90, "the resumed job", interval=0.05)
+        # An uninterrupted run of the same seed, over the pairs on both sides of the kill (a draem
+        # pair depends on its index and seed alone, not on the job's count).
+        compared = at_kill["progress"]["done"] + 20
+        again = client.post("/v1/jobs", json={"kind": "generate", "method": "draem", "exemplars": [inputs[0]],
+                                              "normals": [inputs[1]], "count": compared, "seed": job["seed"],
+                                              "masks": {"source": "exemplar"}}).json()["id"]
+        uninterrupted = wait_for_job(client, again, timeout=90)
     finally:
         second.stop()
-    assert job["status"] == "succeeded", job
+    assert job["status"] == "succeeded" and uninterrupted["status"] == "succeeded", (job, uninterrupted)
+    assert lowest_done >= at_kill["progress"]["done"]  # progress never went back
+    # The pairs stored before the kill were kept, not made again.
+    assert all(images.joinpath(name).stat().st_mtime_ns == mtime for name, mtime in kept.items())
     items = client.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]
-    images = [a for a in items if "/images/" in a["key"]]
-    masks = [a for a in items if "/masks/" in a["key"]]
-    assert len(images) == count and len(masks) == count
+    assert len([a for a in items if "/images/" in a["key"]]) == count
+    assert len([a for a in items if "/masks/" in a["key"]]) == count
+    assert not any("/checkpoint/" in a["key"] for a in items)
     manifest = json.loads(client.get(next(a["url"] for a in items if a["key"].endswith("manifest.json"))).content)
     assert sorted(p["index"] for p in manifest["pairs"]) == list(range(count))
     attempts = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True).hget(f"job:{job_id}", "attempts")
     assert json.loads(attempts) == 2
+    reference = tmp_path / "storage" / "jobs" / again
+    for folder, name in (("images", "{}.png"), ("masks", "{}_mask.png")):
+        for index in range(compared):
+            resumed_bytes = (tmp_path / "storage" / "jobs" / job_id / folder / "pit" / name.format(index)).read_bytes()
+            assert resumed_bytes == (reference / folder / "pit" / name.format(index)).read_bytes()
 
 
 def test_api_restart_keeps_jobs_in_flight(isolated, tmp_path):

@@ -2,12 +2,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.methods import cutpaste, draem
-from models.methods.model_free import MODEL_FREE, pair_seed, synthesize_pair
-from models.methods.params import CutPasteParams, DraemParams, MaskSpec
+from models.methods.cutpaste import CutPasteParams
+from models.methods.cutpaste import method as cutpaste
+from models.methods.draem import DraemParams
+from models.methods.draem import method as draem
+from models.methods.interface import Exemplar, GenerateRequest, NormalImages, job_items, pair_seed
+from models.methods.params import MaskSpec
+from models.methods.registry import METHODS, implementation
+
+MODEL_FREE = ("cutpaste", "draem")
 
 SIZE = (72, 112)  # (height, width): non-square on purpose
-PARAMS = {"draem": DraemParams, "cutpaste": CutPasteParams}
 
 
 def product_images(mode, count=3, size=SIZE):
@@ -29,17 +34,23 @@ def texture_images(mode, count=2, size=SIZE):
     ]
 
 
-def make_pair(method, index=0, job_seed=1, normals=None, mask_spec=None, **kwargs):
-    params = kwargs.pop("params", None) or PARAMS[method]()
-    return synthesize_pair(
-        method,
-        index,
-        job_seed,
-        normals or product_images("RGB"),
-        params=params,
-        mask_spec=mask_spec or MaskSpec(),
-        **kwargs,
+def make_pair(method, index=0, job_seed=1, normals=None, mask_spec=None, params=None, exemplar_masks=(),
+              given_masks=()):
+    """Pair `index` of a job, made through the method interface as a worker makes it."""
+    spec = METHODS[method]
+    normals = normals or product_images("RGB")
+    masks = mask_spec or MaskSpec()
+    exemplars = [Exemplar(f"e{i}", Image.new("L", mask.shape[::-1]), np.asarray(mask) >= 128, "p", "d")
+                 for i, mask in enumerate(exemplar_masks)]
+    request = GenerateRequest(
+        params=params or spec.params(), masks=masks.model_copy(update={"source": masks.source or "native"}),
+        exemplars=exemplars, given_masks=list(given_masks), normals=NormalImages.in_memory(normals),
+        items=job_items(index + 1, job_seed, len(normals), len(exemplars)),
     )
+    item = request.items[index]
+    (pair,) = next(implementation(spec).generate(request, [[item]], lambda *_: None))
+    pair.normal_index = item.normal
+    return pair
 
 
 def assert_valid_pair(pair, normal):
@@ -115,13 +126,25 @@ def test_pair_seed_is_deterministic_32_bit_and_spread():
     assert pair_seed(123, 4) == pair_seed(123, 4)
 
 
-def test_precomputed_foregrounds_are_used():
-    normals = texture_images("RGB")  # a texture: its own foreground would be everything
-    top_rows = np.zeros(SIZE, dtype=bool)
-    top_rows[:20] = True
-    for index in range(6):
-        pair = make_pair("draem", index, normals=normals, foregrounds=[top_rows, top_rows])
-        assert pair.mask[20:].max() == 0 and pair.mask.max() == 255
+def test_foregrounds_are_computed_once_per_decoded_normal(monkeypatch):
+    from models.methods import interface
+
+    calls = []
+    monkeypatch.setattr(interface, "foreground_mask", lambda image: calls.append(image) or np.ones(SIZE, bool))
+    normals = NormalImages.in_memory(product_images("RGB"))
+    for _ in range(2):
+        for position in range(len(normals)):
+            normals.foreground(position)
+    assert len(calls) == len(normals)
+
+
+def test_normal_images_stay_decoded_a_bounded_number_at_a_time():
+    loads = []
+    normals = NormalImages([str(i) for i in range(10)], lambda i: loads.append(i) or product_images("L", 1)[0], keep=3)
+    for position in [0, 1, 2, 0, 3, 0, 1]:
+        normals[position]
+    assert loads == ["0", "1", "2", "3", "1"]  # 1 was the least recently used when 3 came in
+    assert len(normals._decoded) == 3
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.99])
@@ -150,10 +173,6 @@ def test_cutpaste_native_masks_follow_the_variant():
 
 
 def test_wrong_inputs_are_clear_errors():
-    with pytest.raises(ValueError):
-        make_pair("anogen", params=DraemParams())
-    with pytest.raises(TypeError):
-        make_pair("draem", params=CutPasteParams())
     with pytest.raises(ValueError):
         draem.synthesize(
             product_images("RGB")[0],

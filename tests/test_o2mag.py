@@ -9,8 +9,21 @@ from pydantic import ValidationError
 
 from models.diffusion.loading import fresh_scheduler
 from models.diffusion.sampling import ddim_invert, encode_prompts
-from models.methods import o2mag
-from models.methods.params import PARAMS_BY_METHOD, O2MAGParams
+from models.methods.interface import (
+    LABEL_BAND,
+    DirectoryCache,
+    Exemplar,
+    GenerateRequest,
+    NormalImages,
+    Pair,
+    job_items,
+    label_contract_violation,
+)
+from models.methods.o2mag import O2MAGParams
+from models.methods.o2mag import method as o2mag_method
+from models.methods.o2mag import pipeline as o2mag
+from models.methods.params import MaskSpec
+from models.methods.registry import METHODS
 from tests.diffusion_fixtures import box_mask, textured_image
 
 pytest_plugins = ["tests.diffusion_fixtures"]
@@ -70,13 +83,27 @@ def test_outside_the_dilated_target_mask_the_output_is_the_normal_image_bit_for_
     for item, result in zip(items, results):
         normal, image = np.asarray(item.normal), np.asarray(result.image)
         assert result.image.size == item.normal.size and result.image.mode == item.normal.mode
-        dilated = binary_dilation(item.target_mask, PARAMS.mask_dilation)
+        dilated = binary_dilation(item.target_mask, min(PARAMS.mask_dilation, LABEL_BAND))
         assert np.array_equal(image[~dilated], normal[~dilated])
         ring = dilated & ~item.target_mask  # fades from the generated pixels to the normal image's
         assert (image[ring] != normal[ring]).any()
         assert (image[item.target_mask] != normal[item.target_mask]).mean() > 0.5
         assert result.mask.dtype == np.uint8 and np.array_equal(result.mask, item.target_mask * np.uint8(255))
         assert result.seed == item.seed
+
+
+def test_a_wide_fade_reaches_only_the_label_band_outside_the_mask_and_the_rest_inside(tiny_sd, reference,
+                                                                                      embedding, items):
+    wide = PARAMS.model_copy(update={"mask_dilation": 8})
+    for item, result in zip(items, o2mag.generate(tiny_sd, *reference, items, wide, embedding=embedding)):
+        normal, image = np.asarray(item.normal), np.asarray(result.image)
+        band = binary_dilation(item.target_mask, LABEL_BAND)
+        assert np.array_equal(image[~band], normal[~band])
+        assert label_contract_violation(item.normal, Pair(0, result.image, result.mask, 0)) is None
+    narrow = [np.asarray(r.image) for r in o2mag.generate(tiny_sd, *reference, items[:1], PARAMS, embedding=embedding)]
+    wide_image = np.asarray(o2mag.generate(tiny_sd, *reference, items[:1], wide, embedding=embedding)[0].image)
+    just_inside = items[0].target_mask & binary_dilation(~items[0].target_mask, 2)
+    assert (wide_image[just_inside] != narrow[0][just_inside]).any()  # the fade moved inside the mask
 
 
 def test_an_empty_target_mask_gives_the_normal_branch_its_own_reconstruction(tiny_sd, reference, embedding, items):
@@ -302,7 +329,7 @@ def test_bad_inputs_are_refused_before_any_work(tiny_sd, reference, embedding, i
 
 def test_params_follow_the_paper_and_refuse_nonsense():
     params = O2MAGParams()
-    assert PARAMS_BY_METHOD["o2mag"] is O2MAGParams
+    assert METHODS["o2mag"].params is O2MAGParams
     assert (params.ago_steps, params.ago_learning_rate, params.num_inference_steps) == (500, 3e-3, 50)
     assert params.graft_resolutions == [32, 64] and params.graft_start * 50 == 4
     for bad in ({"unknown": 1}, {"graft_start": 1.0}, {"dae_window": (0.7, 0.3)}, {"dae_window": (0.5, 1.5)},
@@ -312,3 +339,49 @@ def test_params_follow_the_paper_and_refuse_nonsense():
             O2MAGParams(**bad)
     parsed = O2MAGParams.model_validate({"graft_resolutions": [16, 64], "dae_window": [0.2, 0.8]})
     assert parsed.dae_window == (0.2, 0.8) and parsed.graft_resolutions == [16, 64]
+
+
+# -- the method interface (models.methods.o2mag.method): several references, once per job each ----------------
+def interface_request(tiny_sd_dir, references, normals, count, cache=None, masks=None):
+    return GenerateRequest(
+        params=PARAMS.model_copy(update={"ago_steps": 1}), masks=masks or MaskSpec(source="exemplar"),
+        exemplars=references, given_masks=[], normals=NormalImages.in_memory(normals),
+        items=job_items(count, 5, len(normals), len(references)), cache=cache,
+        weight_dirs={"SD_MODEL_DIR": str(tiny_sd_dir)}, device="cpu",
+    )
+
+
+def test_each_reference_is_optimised_and_inverted_once_per_job_and_its_masks_are_its_own(
+        tiny_sd_dir, monkeypatch, tmp_path):
+    wide, tall = box_mask(64, 64, (4, 28, 60, 36)), box_mask(64, 64, (28, 4, 36, 60))
+    references = [Exemplar("wide", textured_image(64, 64, "RGB", seed=3), wide, "p", "d"),
+                  Exemplar("tall", textured_image(64, 64, "RGB", seed=4), tall, "p", "d")]
+    normals = [textured_image(64, 64, "RGB", seed=s) for s in (5, 6)]
+    masks = MaskSpec(source="exemplar", scale=(1, 1), rotation=0, inside_foreground=False)
+    request = interface_request(tiny_sd_dir, references, normals, 8, DirectoryCache(tmp_path), masks)
+    calls = o2mag_method.calls(request)
+    # One call per (reference, normal image) pair: they share both inversions.
+    assert sorted((call[0].reference, call[0].normal) for call in calls) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+    counted = {"optimize_embedding": 0, "invert_reference": 0}
+
+    def counting(name, function):
+        def counted_call(*args, **kwargs):
+            counted[name] += 1
+            return function(*args, **kwargs)
+        return counted_call
+
+    for name in counted:
+        monkeypatch.setattr(o2mag, name, counting(name, getattr(o2mag, name)))
+    pairs = [pair for batch in o2mag_method.generate(request, calls, lambda *_: None) for pair in batch]
+    assert counted == {"optimize_embedding": 2, "invert_reference": 2}
+    for pair in pairs:
+        item = request.items[pair.index]
+        assert pair.details["reference"] == references[item.reference].id
+        rows, cols = np.nonzero(pair.mask)
+        height, width = np.ptp(rows) + 1, np.ptp(cols) + 1
+        assert (width > height) == (item.reference == 0)  # jittered from its own reference's mask
+
+    # A second job finds both embeddings in the cache.
+    list(o2mag_method.generate(request, calls[:1], lambda *_: None))
+    assert counted["optimize_embedding"] == 2

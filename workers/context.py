@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from models.methods.interface import Exemplar, NormalImages
 from service.records import Records
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ class JobContext:
     job: dict
     records: Records
     storage: object
+    settings: Settings
     report_interval: float = 0.25
     total: int | None = field(default=None, init=False)  # of the latest progress report
     _last_report: float = field(default=0.0, init=False)
@@ -62,6 +65,21 @@ class JobContext:
             raise JobFailed(f"exemplar {exemplar_id} no longer exists; upload it again and resubmit")
         return record
 
+    def load_exemplar(self, exemplar_id: str) -> Exemplar:
+        """An uploaded image of the job's tenant, decoded, with its mask if it has one."""
+        record = self.exemplar(exemplar_id)
+        return Exemplar(
+            id=exemplar_id,
+            image=self.load_image(record["image_key"]),
+            mask=self.load_mask(record["mask_key"]) if record["mask_key"] else None,
+            product=record["product"],
+            defect=record["defect"],
+        )
+
+    def normal_images(self) -> NormalImages:
+        """The job's normal images, decoded as the method asks for them, a bounded number at a time."""
+        return NormalImages(self.job["normals"], lambda i: self.load_image(self.exemplar(i)["image_key"]))
+
     def load_image(self, key: str) -> Image.Image:
         try:
             data = self.storage.get(key)
@@ -94,6 +112,22 @@ class JobContext:
             keys.append(prefix + path.relative_to(folder).as_posix())
             self.storage.put_file(keys[-1], path)
         return keys
+
+
+class StorageCache:
+    """The method interface's Cache, in storage under `prefix` (one per tenant and method)."""
+
+    def __init__(self, storage, prefix: str):
+        self.storage, self.prefix = storage, prefix
+
+    def load(self, key: str, path: Path) -> bool:
+        if not self.storage.exists(self.prefix + key):
+            return False
+        self.storage.get_file(self.prefix + key, path)
+        return True
+
+    def save(self, key: str, path: Path) -> None:
+        self.storage.put_file(self.prefix + key, path)
 
 
 class Heartbeat:

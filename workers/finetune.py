@@ -1,52 +1,44 @@
 """Fine-tune jobs: learn an adapter from the exemplars and store it under adapters/<job id>/.
 
 Training checkpoints go to storage (jobs/<id>/checkpoint/) as they are written, so a job whose
-worker died resumes where its last checkpoint left off, on whichever worker gets it next.
+worker died resumes where its last checkpoint left off, on whichever worker gets it next. This is
+the same for every fine-tune method: each trains through models.diffusion.training, which writes
+them and calls back here.
 """
 
 import tempfile
 from pathlib import Path
 
-from models.methods.registry import METHODS
+from models.methods.interface import Checkpoints, FinetuneRequest
+from models.methods.registry import METHODS, implementation
 from workers.context import JobContext
-from workers.diffusion import stable_diffusion
 
 CHECKPOINT_EVERY = 250  # steps
 
 
 def run_finetune(context: JobContext) -> dict:
-    from models.methods import anogen  # torch: only in the pool child that runs the job
-
     job = context.job
-    params = METHODS[job["method"]].params_model.model_validate(job["params"])
-    context.progress("loading model", 0, params.train_steps)
-    sd = stable_diffusion()
-    exemplars = []
-    for exemplar_id in job["exemplars"]:
-        record = context.exemplar(exemplar_id)
-        exemplars.append((context.load_image(record["image_key"]), context.load_mask(record["mask_key"])))
-
+    spec = METHODS[job["method"]]
+    params = spec.params.model_validate(job["params"])
+    context.progress("loading inputs", 0, params.train_steps)
     checkpoint_prefix = context.prefix + "checkpoint/"
     adapter_prefix = f"adapters/{job['id']}/"
     with tempfile.TemporaryDirectory() as scratch:
-        checkpoints, adapter = Path(scratch) / "checkpoint", Path(scratch) / "adapter"
-        context.download_prefix(checkpoint_prefix, checkpoints)
-
-        def on_progress(_stage: str, done: int, total: int) -> None:
-            if done % CHECKPOINT_EVERY == 0 and checkpoints.is_dir():
-                context.upload_folder(checkpoints, checkpoint_prefix)
-            context.progress("training", done, total)
-
-        anogen.finetune(
-            sd,
-            exemplars,
-            params,
+        checkpoint_dir, adapter_dir = Path(scratch) / "checkpoint", Path(scratch) / "adapter"
+        context.download_prefix(checkpoint_prefix, checkpoint_dir)
+        request = FinetuneRequest(
+            params=params,
+            exemplars=[context.load_exemplar(i) for i in job["exemplars"]],
+            normals=context.normal_images(),
             seed=job["seed"],
-            out_dir=adapter,
-            checkpoint_dir=checkpoints,
-            checkpoint_every=CHECKPOINT_EVERY,
-            on_progress=on_progress,
+            adapter_dir=adapter_dir,
+            checkpoints=Checkpoints(
+                checkpoint_dir, CHECKPOINT_EVERY, saved=lambda: context.upload_folder(checkpoint_dir, checkpoint_prefix)
+            ),
+            weight_dirs=context.settings.weight_dirs,
+            device=context.settings.device,
         )
-        files = context.upload_folder(adapter, adapter_prefix)
+        summary = implementation(spec).finetune(request, context.progress)
+        files = context.upload_folder(adapter_dir, adapter_prefix)
     context.storage.delete_prefix(checkpoint_prefix)
-    return {"adapter": adapter_prefix, "files": files, "train_steps": params.train_steps}
+    return {"adapter": adapter_prefix, "files": files, **summary}

@@ -12,6 +12,7 @@ from functools import lru_cache
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from models.errors import InputError
 from service.queue import QUEUE_BY_KIND
 from service.records import TERMINAL, Records, connect, now
 from service.settings import Settings
@@ -74,7 +75,7 @@ def run_job(job_id: str, time_limit: int) -> None:
     status = "failed"
     JOBS_IN_PROGRESS.labels(queue).inc()
     try:
-        context = JobContext(job, records, storage)
+        context = JobContext(job, records, storage, settings)
         with Heartbeat(records, job_id, settings.worker_heartbeat):
             result = RUNNERS[job["kind"]](context)
         total = context.total or job["count"]
@@ -95,7 +96,7 @@ def run_job(job_id: str, time_limit: int) -> None:
             "time_limit",
             f"the job ran longer than JOB_TIME_LIMIT ({time_limit} s); lower count or steps, or raise the limit",
         )
-    except JobFailed as exc:
+    except (JobFailed, InputError) as exc:
         _fail(records, job_id, "job_failed", str(exc))
     except Exception as exc:
         log.exception("job %s failed", job_id)

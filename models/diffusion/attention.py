@@ -134,15 +134,19 @@ class AttentionMapRecorder(UNetAttention):
     """Computes attention explicitly and keeps the head-averaged probabilities of every call.
 
     `maps` gets one (B, query tokens, key tokens) tensor per call; install it only at the
-    resolutions a method reads, since explicit attention is slower and larger than SDPA.
+    resolutions a method reads, since explicit attention is slower and larger than SDPA. With
+    `keep_graph` the maps stay in the autograd graph, for a loss on them (CADiff's localisation
+    loss); otherwise they are detached, so recording costs no memory for gradients.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_graph: bool = False) -> None:
         self.maps: list[torch.Tensor] = []
+        self.keep_graph = keep_graph
 
     def attend(self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         probabilities = (query @ key.transpose(-1, -2) * attn.scale).softmax(dim=-1)
-        self.maps.append(probabilities.mean(dim=1).detach())
+        maps = probabilities.mean(dim=1)
+        self.maps.append(maps if self.keep_graph else maps.detach())
         return probabilities @ value
 
 

@@ -26,7 +26,7 @@ def weight_variants(component_dir: Path) -> set[str | None]:
     return variants
 
 
-def _read_json_object(path: Path) -> tuple[dict | None, str | None]:
+def read_json_object(path: Path) -> tuple[dict | None, str | None]:
     if not path.is_file():
         return None, f"{path} is missing"
     try:
@@ -50,13 +50,13 @@ def sd_dir_problem(path: str | None) -> str | None:
     if not root.is_dir():
         return f"SD_MODEL_DIR {root} is not a directory"
 
-    _, problem = _read_json_object(root / "model_index.json")
+    _, problem = read_json_object(root / "model_index.json")
     if problem:
         return f"{problem}: not a diffusers-format pipeline directory"
 
     configs: dict[str, dict] = {}
     for component in ("unet", "vae", "text_encoder"):
-        config, problem = _read_json_object(root / component / "config.json")
+        config, problem = read_json_object(root / component / "config.json")
         if problem:
             return problem
         configs[component] = config
@@ -68,7 +68,7 @@ def sd_dir_problem(path: str | None) -> str | None:
     if not (has_bpe_files or (tokenizer / "tokenizer.json").is_file()):
         return f"{tokenizer} needs vocab.json and merges.txt (or tokenizer.json)"
 
-    scheduler, problem = _read_json_object(root / "scheduler" / "scheduler_config.json")
+    scheduler, problem = read_json_object(root / "scheduler" / "scheduler_config.json")
     if problem:
         return problem
     if scheduler.get("prediction_type", "epsilon") != "epsilon":

@@ -16,9 +16,10 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from models.diffusion.checks import sd_dir_problem, weight_variants
+from models.errors import InputError
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(InputError):
     """The SD directory is missing or malformed; the message says which part."""
 
 
@@ -49,14 +50,14 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_sd(model_dir: str | Path, device: str | None = None) -> StableDiffusion:
+def load_sd(model_dir: str | Path | None, device: str | None = None) -> StableDiffusion:
     """The SD model in `model_dir` on `device` (default: CUDA when present), loaded once per process.
 
     Raises ModelUnavailable when the directory is not usable (the reason from `sd_dir_problem`).
     """
-    problem = sd_dir_problem(str(model_dir))
+    problem = sd_dir_problem(str(model_dir) if model_dir else None)
     if problem:
-        raise ModelUnavailable(problem)
+        raise ModelUnavailable(f"this worker cannot load Stable Diffusion: {problem}")
     return _load(Path(model_dir).resolve(), torch.device(device or default_device()))
 
 

@@ -6,32 +6,29 @@ The model is shared by every job of the worker process, so nothing here changes 
 ids and the placeholder vectors for the new ones. Training optimises only those vectors, so no
 other row of the table can move; the original table object is put back on exit.
 
-Training is reproducible and resumable: every step draws its randomness from a generator seeded
-by (seed, step), and checkpoints hold the vectors, the optimiser state and the step, so a run
-resumed from a checkpoint continues exactly as the uninterrupted run would have.
+Training runs in the shared loop of training.py: reproducible (each step's randomness from
+(seed, step)) and resumable from checkpoints exactly as the uninterrupted run would have gone.
 """
 
 import copy
 import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer
 
 from models.diffusion.loading import StableDiffusion, fresh_scheduler
 from models.diffusion.sampling import encode_prompts
+from models.diffusion.training import train
+from models.methods.interface import Checkpoints
 
 EMBEDDINGS_FILE = "learned_embeds.safetensors"  # diffusers' textual-inversion file name and layout
 CONFIG_FILE = "adapter_config.json"
-CHECKPOINT_FILE = "embedding_checkpoint.safetensors"
 
 
 @dataclass
@@ -140,8 +137,7 @@ def train_embedding(
     learning_rate: float,
     batch_size: int,
     seed: int,
-    checkpoint_dir: Path | None = None,
-    checkpoint_every: int = 500,
+    checkpoints: Checkpoints | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> LearnedEmbedding:
     """Learn vectors for `tokens` so that the frozen UNet denoises `latents` given prompts naming them.
@@ -150,54 +146,34 @@ def train_embedding(
     loss weights (None: plain loss). Each step draws `batch_size` examples with replacement,
     flips them at random (both axes, images and masks alike), noises them at random timesteps and
     fills a random template ("a photo of a {}") with the placeholder. Adam (no weight decay)
-    updates only the placeholder vectors.
-
-    checkpoint_dir: if it holds a checkpoint of this run, training continues from it; a checkpoint
-    is written there every `checkpoint_every` steps. on_progress(step, steps) runs after every
-    step and may raise to stop training.
+    updates only the placeholder vectors, through the shared training loop (training.py: its
+    checkpoints resume a run exactly). on_progress(step, steps) runs after every step and may
+    raise to stop training.
     """
     run = {  # what a checkpoint must have been made with to be resumed
-        "tokens": tokens, "initializer": initializer, "templates": list(templates), "seed": seed,
-        "learning_rate": learning_rate, "batch_size": batch_size, "masked": masks is not None,
+        "trainer": "textual_inversion", "tokens": tokens, "initializer": initializer, "templates": list(templates),
+        "seed": seed, "learning_rate": learning_rate, "batch_size": batch_size, "masked": masks is not None,
         "latents_shape": list(latents.shape),
     }
-    checkpoint = _read_checkpoint(checkpoint_dir, run)
-    start = checkpoint["step"] if checkpoint else 0
-    vectors = checkpoint["vectors"] if checkpoint else initial_vectors(sd, initializer, len(tokens))
-
     scheduler = fresh_scheduler(sd)  # its noise schedule noises the training latents
     placeholder = " ".join(tokens)
-    with placeholder_tokens(sd, LearnedEmbedding(tokens, vectors)) as (tokenizer, embedding):
+    start = LearnedEmbedding(tokens, initial_vectors(sd, initializer, len(tokens)))
+    with placeholder_tokens(sd, start) as (tokenizer, embedding):
         embedding.vectors.requires_grad_(True)
-        optimizer = torch.optim.Adam([embedding.vectors], lr=learning_rate)
-        # fp16 activations can underflow in the backward pass: scale the loss on GPUs.
-        scaler = torch.amp.GradScaler(sd.device.type, enabled=sd.dtype == torch.float16)
-        if checkpoint:
-            _restore_optimizer(optimizer, scaler, checkpoint)
-        for step in range(start, steps):
-            batch = _draw_batch(latents, masks, scheduler, templates, batch_size, _step_generator(seed, step))
-            prompts = [template.format(placeholder) for template in batch.templates]
-            with torch.enable_grad():
-                cond = encode_prompts(sd, prompts, tokenizer)
-                eps = sd.unet(batch.noisy.to(sd.device, sd.dtype), batch.t.to(sd.device), cond).sample
-                mask = batch.masks.to(sd.device) if batch.masks is not None else None
-                loss = masked_mse(eps.float(), batch.noise.to(sd.device), mask)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            done = step + 1
-            if checkpoint_dir is not None and done % checkpoint_every == 0 and done < steps:
-                _write_checkpoint(checkpoint_dir, run, done, embedding.vectors, optimizer, scaler)
-            if on_progress is not None:
-                on_progress(done, steps)
+
+        def loss_at(_step: int, generator: torch.Generator) -> torch.Tensor:
+            batch = _draw_batch(latents, masks, scheduler, templates, batch_size, generator)
+            cond = encode_prompts(sd, [template.format(placeholder) for template in batch.templates], tokenizer)
+            eps = sd.unet(batch.noisy.to(sd.device, sd.dtype), batch.t.to(sd.device), cond).sample
+            mask = batch.masks.to(sd.device) if batch.masks is not None else None
+            return masked_mse(eps.float(), batch.noise.to(sd.device), mask)
+
+        train(
+            {"vectors": embedding.vectors}, torch.optim.Adam([embedding.vectors], lr=learning_rate), loss_at,
+            steps=steps, seed=seed, run=run, device=sd.device, mixed_precision=sd.dtype == torch.float16,
+            checkpoints=checkpoints, on_step=on_progress,
+        )
         return LearnedEmbedding(tokens, embedding.vectors.detach().float().cpu().clone())
-
-
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    """A CPU generator for one training step, the same on every run and device."""
-    state = np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
 
 
 class TrainingBatch(NamedTuple):
@@ -227,39 +203,3 @@ def _draw_batch(latents, masks, scheduler, templates, batch_size, generator) -> 
         masks=augment(masks.cpu()[picks]) if masks is not None else None,
         templates=[templates[i] for i in template_picks],
     )
-
-
-def _write_checkpoint(folder: Path, run: dict, step: int, vectors, optimizer, scaler) -> None:
-    adam = optimizer.state_dict()["state"][0]
-    tensors = {"vectors": vectors.detach(), "exp_avg": adam["exp_avg"], "exp_avg_sq": adam["exp_avg_sq"],
-               "adam_step": adam["step"].reshape(1)}
-    metadata = {"run": json.dumps(run), "step": str(step), "grad_scaler": json.dumps(scaler.state_dict())}
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / (CHECKPOINT_FILE + ".partial")
-    save_file({name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}, partial, metadata)
-    os.replace(partial, folder / CHECKPOINT_FILE)  # atomic: a crash never leaves half a checkpoint
-
-
-def _read_checkpoint(folder: Path | None, run: dict) -> dict | None:
-    path = folder / CHECKPOINT_FILE if folder is not None else None
-    if path is None or not path.is_file():
-        return None
-    with safe_open(path, framework="pt") as file:
-        metadata = file.metadata()
-        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    if json.loads(metadata["run"]) != run:
-        raise ValueError(f"the checkpoint in {folder} belongs to a different training run; use an empty directory")
-    return {**tensors, "step": int(metadata["step"]), "grad_scaler": json.loads(metadata["grad_scaler"])}
-
-
-def _restore_optimizer(optimizer: torch.optim.Adam, scaler: torch.amp.GradScaler, checkpoint: dict) -> None:
-    state = optimizer.state_dict()
-    device = optimizer.param_groups[0]["params"][0].device
-    state["state"] = {0: {
-        "step": checkpoint["adam_step"].reshape(()),
-        "exp_avg": checkpoint["exp_avg"].to(device),
-        "exp_avg_sq": checkpoint["exp_avg_sq"].to(device),
-    }}
-    optimizer.load_state_dict(state)
-    if checkpoint["grad_scaler"]:
-        scaler.load_state_dict(checkpoint["grad_scaler"])

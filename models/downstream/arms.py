@@ -102,19 +102,23 @@ def combine_arms(name: str, arms: Sequence[Arm]) -> Arm:
 
 
 def model_free_arm(name: str, method: str, normals: torch.Tensor, count: int, seed: int) -> Arm:
-    """``count`` pairs of a model-free method (``draem``, ``cutpaste``) with its default params."""
-    from models.methods.model_free import synthesize_pair
-    from models.methods.params import PARAMS_BY_METHOD, MaskSpec
+    """``count`` pairs of a model-free method (``draem``, ``cutpaste``) with its default params,
+    made through the method interface as a generate job would make them."""
+    from models.methods.interface import GenerateRequest, NormalImages, job_items
+    from models.methods.params import MaskSpec
+    from models.methods.registry import METHODS, generate_all
 
-    normal_images = [as_pil(normal) for normal in normals]
+    spec = METHODS[method]
+    request = GenerateRequest(
+        params=spec.params(), masks=MaskSpec(source=spec.default_mask_source), exemplars=[], given_masks=[],
+        normals=NormalImages.in_memory([as_pil(normal) for normal in normals]),
+        items=job_items(count, seed, len(normals), 0),
+    )
     resolution, channels = normals.shape[-1], normals.shape[1]
-    images, masks, normal_indices = [], [], []
-    for index in range(count):
-        pair = synthesize_pair(method, index, seed, normal_images,
-                               params=PARAMS_BY_METHOD[method](), mask_spec=MaskSpec())
-        images.append(image_tensor(pair.image, resolution, channels))
-        masks.append(mask_tensor(pair.mask, resolution))
-        normal_indices.append(pair.normal_index)
+    pairs = generate_all(spec, request)
+    images = [image_tensor(pair.image, resolution, channels) for pair in pairs]
+    masks = [mask_tensor(pair.mask_u8, resolution) for pair in pairs]
+    normal_indices = [request.items[pair.index].normal for pair in pairs]
     return _baseline_arm(name, images, masks, [""] * count, normals, normal_indices)
 
 

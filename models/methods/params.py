@@ -1,8 +1,8 @@
-"""Request schemas of every method and of mask sampling: pydantic only, no torch.
+"""Request schemas shared by the methods (mask sampling, the diffusion knobs): pydantic only, no torch.
 
-The API validates a job against these before it queues anything, so they must stay importable
-in the slim API image. Unknown names are rejected (``extra="forbid"``): a typo is a 422, not a
-silently ignored knob.
+Each method's own params model lives in its package's `__init__.py`. The API validates a job
+against these before it queues anything, so they must stay importable in the slim API image.
+Unknown names are rejected (``extra="forbid"``): a typo is a 422, not a silently ignored knob.
 """
 
 from typing import Literal
@@ -16,7 +16,7 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _ordered(rng: FloatRange, name: str) -> None:
+def check_ordered(rng: FloatRange, name: str) -> None:
     if rng[0] > rng[1]:
         raise ValueError(f"{name}: the lower bound {rng[0]} is above the upper bound {rng[1]}")
 
@@ -24,12 +24,13 @@ def _ordered(rng: FloatRange, name: str) -> None:
 class MaskSpec(StrictModel):
     """Where the defects go: the ``masks`` object of a job request."""
 
-    source: Literal["native", "exemplar", "box", "given"] | None = Field(
+    source: Literal["native", "exemplar", "box", "given", "learned"] | None = Field(
         default=None,
         description="native: the method's own mask generator (Perlin blobs for draem, CutPaste "
         "patches for cutpaste); exemplar: the exemplar masks with a random affine jitter, placed "
         "inside the product's foreground; box: rectangles; given: the masks of the exemplars "
-        "listed in `masks`, used as they are. Default: the method's `default_mask_source`.",
+        "listed in `masks`, used as they are; learned: masks sampled from the mask model a fine-tune "
+        "job learnt (methods that have one). Default: the method's `default_mask_source`.",
     )
     scale: FloatRange = Field(default=(0.75, 1.25), description="exemplar jitter: scale range")
     rotation: float = Field(default=180.0, ge=0, le=180, description="exemplar jitter: max |angle| in degrees")
@@ -43,9 +44,9 @@ class MaskSpec(StrictModel):
 
     @model_validator(mode="after")
     def _check(self):
-        _ordered(self.scale, "scale")
-        _ordered(self.box_area, "box_area")
-        _ordered(self.box_aspect, "box_aspect")
+        check_ordered(self.scale, "scale")
+        check_ordered(self.box_area, "box_area")
+        check_ordered(self.box_aspect, "box_aspect")
         if not 0 < self.scale[0]:
             raise ValueError("scale must be positive")
         if not (0 < self.box_area[0] and self.box_area[1] <= 1):
@@ -63,53 +64,6 @@ class MaskSpec(StrictModel):
         return self
 
 
-class DraemParams(StrictModel):
-    """DRAEM-style synthesis: a texture blended into the mask with a random opacity."""
-
-    texture: Literal["auto", "normals", "noise"] = Field(
-        default="auto",
-        description="normals: an augmented crop of the product's own normal images; noise: "
-        "procedural Perlin texture; auto: either, at random",
-    )
-    opacity: FloatRange = Field(default=(0.2, 1.0), description="texture opacity range (DRAEM: 1 - beta)")
-    perlin_scale: tuple[int, int] = Field(default=(0, 6), description="native masks: Perlin scale exponents")
-    perlin_threshold: float = Field(default=0.5, gt=0, lt=1, description="native masks: noise threshold")
-
-    @model_validator(mode="after")
-    def _check(self):
-        _ordered(self.opacity, "opacity")
-        if not (0 < self.opacity[0] and self.opacity[1] <= 1):
-            raise ValueError("opacity must lie in (0, 1]")
-        if not (0 <= self.perlin_scale[0] <= self.perlin_scale[1] <= 8):
-            raise ValueError("perlin_scale must satisfy 0 <= low <= high <= 8")
-        return self
-
-
-class CutPasteParams(StrictModel):
-    """CutPaste: a patch of the image itself, jittered and pasted elsewhere."""
-
-    variant: Literal["cutpaste", "scar", "mixed"] = Field(
-        default="mixed", description="cutpaste: large rectangles; scar: thin rotated strips; mixed: either"
-    )
-    area: FloatRange = Field(default=(0.02, 0.15), description="native patches: area fraction range")
-    aspect: FloatRange = Field(default=(0.3, 3.3), description="native patches: width/height range")
-    scar_width: tuple[int, int] = Field(default=(2, 16), description="scar width in pixels at 256 px")
-    scar_length: tuple[int, int] = Field(default=(10, 25), description="scar length in pixels at 256 px")
-    color_jitter: float = Field(default=0.1, ge=0, le=1, description="brightness/contrast jitter of the patch")
-
-    @model_validator(mode="after")
-    def _check(self):
-        _ordered(self.area, "area")
-        _ordered(self.aspect, "aspect")
-        if not (0 < self.area[0] and self.area[1] <= 1):
-            raise ValueError("area must lie in (0, 1]")
-        for name in ("scar_width", "scar_length"):
-            low, high = getattr(self, name)
-            if not 1 <= low <= high:
-                raise ValueError(f"{name} must satisfy 1 <= low <= high")
-        return self
-
-
 class DiffusionParams(StrictModel):
     """Knobs every diffusion method shares (DESIGN section 3 names them)."""
 
@@ -118,68 +72,9 @@ class DiffusionParams(StrictModel):
     guidance_scale: float = Field(default=7.5, ge=1.0, le=30.0)
 
 
-class AnoGenParams(DiffusionParams):
-    """AnoGen (arXiv 2505.09263): a learnt defect embedding and box-blended latent inpainting."""
+class FinetuneParams(DiffusionParams):
+    """The fine-tune knobs every fine-tune method shares (DESIGN section 3); each sets its defaults."""
 
-    guidance_scale: float = Field(default=10.0, ge=1.0, le=30.0, description="generate: the paper's scale, 10")
-    train_steps: int = Field(default=6000, ge=1, le=100_000, description="fine-tune: optimiser steps")
-    learning_rate: float = Field(default=0.005, gt=0, le=1.0, description="fine-tune: Adam learning rate")
+    train_steps: int = Field(default=1000, ge=1, le=100_000, description="fine-tune: optimiser steps")
+    learning_rate: float = Field(default=1e-4, gt=0, le=1.0, description="fine-tune: learning rate")
     batch_size: int = Field(default=4, ge=1, le=64, description="fine-tune: images per step")
-    initializer_token: str = Field(default="defect", min_length=1, description="word the embedding starts from")
-    masked_loss: bool = Field(default=True, description="fine-tune: weight the loss by the exemplar mask")
-    refined_mask: bool = Field(default=False, description="generate: also write a mask of where the image changed")
-
-
-class O2MAGParams(DiffusionParams):
-    """O2MAG (arXiv 2603.18093): training-free tri-branch attention grafting from one reference anomaly.
-
-    One DDIM schedule of `num_inference_steps` serves the inversions and the sampling: the
-    target retraces the normal image's inverted path, which needs the same timesteps.
-    """
-
-    prompt: str = Field(default="a photo of a defect", min_length=1,
-                        description="text whose embedding AGO starts from (naming the defect can help)")
-    ago_steps: int = Field(default=500, ge=0, le=5000,
-                           description="AGO: Adam steps on the text embedding (0: use the prompt as it is)")
-    ago_learning_rate: float = Field(default=3e-3, gt=0, le=1.0, description="AGO: Adam learning rate")
-    graft_resolutions: list[Literal[8, 16, 32, 64]] = Field(
-        default=[32, 64], min_length=1,
-        description="decoder self-attention layers that graft keys/values, by their feature-map side at "
-        "512 px (64: the full latent; 8: the middle block); the same layers at any resolution",
-    )
-    graft_start: float = Field(
-        default=0.08, ge=0.0, lt=1.0,
-        description="where grafting starts, as a fraction of the schedule (0.08: from step 4 of 50 on)",
-    )
-    dae_factor: float = Field(default=1.5, ge=1.0, le=4.0,
-                              description="DAE: attention output scale inside the target mask (1: off)")
-    dae_window: FloatRange = Field(
-        default=(0.3, 0.7), description="DAE: the steps it acts on, as fractions of the schedule (0: first step)"
-    )
-    mask_dilation: int = Field(
-        default=4, ge=0, le=64,
-        description="the generated region fades into the normal image over this many pixels around the target "
-        "mask; beyond them every pixel is the normal image's",
-    )
-    target_noise: float = Field(
-        default=0.0, ge=0.0, le=1.0,
-        description="share (in standard deviation) of fresh noise from the item's seed in the target's start "
-        "inside the mask; 0: the paper's start, the normal image's inverted noise, and no dependence on the seed",
-    )
-
-    @model_validator(mode="after")
-    def _check(self):
-        _ordered(self.dae_window, "dae_window")
-        if not (0 <= self.dae_window[0] and self.dae_window[1] <= 1):
-            raise ValueError("dae_window must lie in [0, 1]")
-        if len(set(self.graft_resolutions)) != len(self.graft_resolutions):
-            raise ValueError("graft_resolutions has repeated entries")
-        return self
-
-
-PARAMS_BY_METHOD: dict[str, type[StrictModel]] = {
-    "draem": DraemParams,
-    "cutpaste": CutPasteParams,
-    "anogen": AnoGenParams,
-    "o2mag": O2MAGParams,
-}

@@ -10,10 +10,10 @@ router = APIRouter(prefix="/v1/methods", tags=["methods"])
 @router.get("", response_model=MethodList)
 def list_methods(request: Request, _: str = Depends(current_tenant)):
     """Every method, whether it can run with this deployment's weights, and its parameter schema."""
-    sd_model_dir = request.app.state.settings.sd_model_dir
+    weight_dirs = request.app.state.settings.weight_dirs
     items = []
     for method in METHODS.values():
-        reason = method.unavailable_reason(sd_model_dir)
+        reason = method.unavailable_reason(weight_dirs)
         items.append(
             {
                 "name": method.name,
@@ -24,7 +24,8 @@ def list_methods(request: Request, _: str = Depends(current_tenant)):
                 "default_mask_source": method.default_mask_source,
                 "mask_sources": list(method.mask_sources),
                 "summary": method.summary,
-                "params_schema": method.params_model.model_json_schema(),
+                "weights": list(method.weights),
+                "params_schema": method.params.model_json_schema(),
             }
         )
     return {"items": items}

@@ -29,6 +29,7 @@ export function methodsView(main, {navigate}) {
         h("p", {}, method.summary),
         h("dl", {class: "facts"},
           h("dt", {}, "Jobs"), h("dd", {}, method.kinds.join(", ")),
+          h("dt", {}, "Weights"), h("dd", {}, method.weights?.length ? method.weights.join(", ") : "none needed"),
           h("dt", {}, "Mask sources"), h("dd", {}, method.mask_sources.map((source) =>
             source === method.default_mask_source ? `${source} (default)` : source).join(", "))),
         h("details", {open: true}, h("summary", {}, `Parameters (${form.names.length})`), form.element,

@@ -16,7 +16,7 @@ const MASK_NAME = /mask|_gt\b|ground.?truth|label/i;
 const FIELD_OF_CODE = {
   unknown_method: "method", method_unavailable: "method", unsupported_kind: "method",
   count_too_large: "count", normals_required: "normals", exemplars_required: "exemplars",
-  one_reference_required: "exemplars", unsupported_mask_source: "masks", adapter_required: "adapter",
+  references_required: "exemplars", unsupported_mask_source: "masks", adapter_required: "adapter",
   adapter_not_ready: "adapter", invalid_params: "params",
 };
 const FORM_FIELDS = ["method", "adapter", "exemplars", "normals", "count", "seed", "masks", "params"];

@@ -11,8 +11,9 @@ Three DDIM branches share the frozen SD 1.5 UNet, batched into one UNet call per
   queries; inside the target mask M_T its keys/values are R's tokens inside the reference mask M_R,
   outside M_T they are N's tokens, and the two outputs are stitched by M_T at each layer's
   resolution. Outside M_T, T's latents are set to N's before every step (DiffEdit-style masked
-  decoding), and the image takes the normal image's own pixels outside M_T dilated by
-  `mask_dilation` (fading into them across that ring): they are exact. The mask written is M_T.
+  decoding), and the image fades into the normal image's own pixels across a ring of
+  `mask_dilation` pixels on M_T's border, at most 3 of them outside M_T (the label contract's
+  blend band): beyond it every pixel is exact. The mask written is M_T.
 
 AGO, before sampling: the text embedding (77 x width, the CLIP output for `prompt`) is optimised
 with the diffusion loss on the reference inside M_R (paper: 500 Adam steps, lr 3e-3), so that the
@@ -78,7 +79,8 @@ from models.diffusion.images import (
 from models.diffusion.loading import StableDiffusion, fresh_scheduler
 from models.diffusion.sampling import StepCallback, ddim_invert, ddim_sample, encode_prompts
 from models.diffusion.textual_inversion import masked_mse
-from models.methods.params import O2MAGParams
+from models.methods.interface import LABEL_BAND, ProgressCallback
+from models.methods.o2mag import O2MAGParams
 
 METHOD = "o2mag"
 # Each guidance half of the UNet batch is [R, N, T_1 .. T_k]: the two source branches, then the targets.
@@ -89,8 +91,6 @@ AGO_SEED = 0  # AGO's randomness when `generate` runs it itself
 AGO_PARAMS = ("resolution", "prompt", "ago_steps", "ago_learning_rate")
 AGO_VERSION = 1
 EMBEDDING_KEY = "embedding"
-
-ProgressCallback = Callable[[str, int, int], None]  # (stage, done, total); may raise to cancel
 
 
 class O2MAGItem(NamedTuple):
@@ -184,6 +184,7 @@ def generate(
     params: O2MAGParams,
     *,
     embedding: torch.Tensor | None = None,
+    reference_path: torch.Tensor | None = None,
     targets_per_call: int = 4,
     on_progress: ProgressCallback | None = None,
 ) -> list[O2MAGResult]:
@@ -191,10 +192,12 @@ def generate(
     (image, mask M_R) grown into the item's target mask M_T.
 
     embedding: the reference's AGO embedding (`optimize_embedding`, or `load_embedding` from the
-    cache); None runs AGO here, with seed AGO_SEED. Items on the same normal image share its
-    inversion and, up to `targets_per_call` at a time, the UNet calls. on_progress(stage, done,
-    total) after every step: stage "ago", "invert" or "generate"; done and total count the steps of
-    the whole call, every stage alike, so done / total is the call's progress.
+    cache); None runs AGO here, with seed AGO_SEED. reference_path: R's inverted path under that
+    embedding (`invert_reference`), for a caller that serves several calls from one reference;
+    None inverts it here. Items on the same normal image share its inversion and, up to
+    `targets_per_call` at a time, the UNet calls. on_progress(stage, done, total) after every step:
+    stage "ago", "invert" or "generate"; done and total count the steps of the whole call, every
+    stage alike, so done / total is the call's progress.
     """
     # 1. Check the inputs; group the items by normal image, each group in batches of targets.
     items = [O2MAGItem(*item) for item in items]
@@ -209,7 +212,8 @@ def generate(
         for indices in _group_by_normal(items)
     ]
     steps = params.num_inference_steps
-    runs = 1 + len(groups) + sum(len(batches) for _, batches in groups)  # inversions and sampling runs
+    # Inversions (the reference's unless given, one per normal image) and sampling runs.
+    runs = (reference_path is None) + len(groups) + sum(len(batches) for _, batches in groups)
     progress = _Progress(on_progress, total=(params.ago_steps if embedding is None else 0) + runs * steps)
 
     # 2. Text conditioning: the AGO embedding (optimised here if not given), and the empty prompt.
@@ -221,10 +225,11 @@ def generate(
         uncond = encode_prompts(sd, [""])
 
     # 3. Invert the reference under its embedding: R's path.
+    if reference_path is None:
+        reference_path = invert_reference(sd, reference_image, reference_mask, embedding, params,
+                                          progress.stage("invert"))
     scheduler = fresh_scheduler(sd)
     scheduler.set_timesteps(steps)
-    reference_latents, _ = _reference_latents(sd, reference_image, reference_mask, params.resolution)
-    reference_path = _inverted_path(sd, scheduler, reference_latents, cond, progress.stage("invert"))
 
     # 4. Per normal image: invert it once under the empty prompt (N's path), then denoise its
     #    targets batch by batch beside R and N.
@@ -236,10 +241,28 @@ def generate(
             targets = [items[i] for i in batch]
             latents = _denoise_targets(sd, scheduler, reference_path, normal_path, reference_mask, targets,
                                        cond, uncond, params, progress.stage("generate"))
-            # 5. Decode, and fade each M_T into the normal image over the dilation ring: exact beyond it.
+            # 5. Decode, and fade each M_T into the normal image across its border: exact beyond it.
             for index, item, pixels in zip(batch, targets, decode(sd, latents)):
                 results[index] = _composite(item, pixels, params.mask_dilation)
     return results
+
+
+def invert_reference(
+    sd: StableDiffusion,
+    reference_image: Image.Image,
+    reference_mask: np.ndarray,
+    embedding: torch.Tensor,
+    params: O2MAGParams,
+    on_step: StepCallback | None = None,
+) -> torch.Tensor:
+    """R's path: the reference (its inside only) DDIM-inverted under its AGO embedding, (steps + 1,
+    1, 4, h, w), clean first. It depends on nothing else, so one serves every call on the reference."""
+    _check_reference(reference_image, reference_mask)
+    cond = _checked_embedding(sd, embedding)[None].to(sd.device, sd.dtype)
+    scheduler = fresh_scheduler(sd)
+    scheduler.set_timesteps(params.num_inference_steps)
+    reference_latents, _ = _reference_latents(sd, reference_image, reference_mask, params.resolution)
+    return _inverted_path(sd, scheduler, reference_latents, cond, on_step)
 
 
 class AttentionControl:
@@ -410,23 +433,39 @@ def _masked_diffusion_loss(sd, scheduler, latents, mask, embedding, t, noise) ->
     return masked_mse(prediction, noise, mask)
 
 
-def _composite(item: O2MAGItem, pixels: torch.Tensor, dilation: int) -> O2MAGResult:
-    """The generated pixels on M_T, fading into the normal image's over `dilation` pixels around it
-    (a hard cut would leave a seam, a cue a defect segmenter could learn), the normal's beyond."""
+def _composite(item: O2MAGItem, pixels: torch.Tensor, band: int) -> O2MAGResult:
+    """The generated pixels on M_T, fading into the normal image's across a `band` pixels wide
+    ring on M_T's border (a hard cut would leave a seam, a cue a defect segmenter could learn),
+    the normal's beyond. The ring reaches at most LABEL_BAND pixels outside M_T (the label
+    contract's blend band) and lies inside M_T for the rest."""
     normal = np.asarray(item.normal)
     generated = pixels_to_array(pixels, item.normal.size, item.normal.mode)
     target = np.asarray(item.target_mask) > 0
-    weight = _feathered(target, dilation)
+    weight = _border_fade(target, band)
     if normal.ndim == 3:
         weight = weight[..., None]
     image = np.round(weight * generated + (1 - weight) * normal).astype(np.uint8)  # weight 0: normal exactly
     return O2MAGResult(image=Image.fromarray(image), mask=target.astype(np.uint8) * 255, seed=item.seed)
 
 
-def _feathered(mask: np.ndarray, radius: int) -> np.ndarray:
-    """float32 (H, W): 1 on the mask, falling linearly over `radius` pixels (chessboard distance)
-    outside it, 0 beyond: the share of the mask and its first `radius` dilations covering a pixel."""
-    grown = torch.from_numpy(mask).float()[None, None]
+def _border_fade(mask: np.ndarray, band: int) -> np.ndarray:
+    """float32 (H, W): 1 on the mask's core, falling linearly (chessboard distance) to 0 at most
+    LABEL_BAND pixels outside the mask. The core is the mask eroded by the band's inner part
+    (band - LABEL_BAND pixels), less where the mask is too thin to keep a core."""
+    core = torch.from_numpy(mask).float()[None, None]
+    inner = 0
+    while inner < band - LABEL_BAND:
+        eroded = 1 - F.max_pool2d(1 - core, 3, stride=1, padding=1)
+        if not eroded.any():
+            break
+        core, inner = eroded, inner + 1
+    return _feathered(core, inner + min(band, LABEL_BAND))
+
+
+def _feathered(core: torch.Tensor, radius: int) -> np.ndarray:
+    """float32 (H, W): 1 on `core` (1, 1, H, W), falling linearly over `radius` pixels outside it,
+    0 beyond: the share of the core and its first `radius` dilations covering a pixel."""
+    grown = core
     covered = grown.clone()
     for _ in range(radius):
         grown = F.max_pool2d(grown, 3, stride=1, padding=1)

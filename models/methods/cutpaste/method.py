@@ -8,13 +8,25 @@ import numpy as np
 from PIL import Image
 
 from models.masks.sampling import rectangle_shape
-from models.methods.params import CutPasteParams
+from models.methods.cutpaste import CutPasteParams
+from models.methods.interface import GenerateRequest, Item, ProgressCallback
+from models.methods.model_free import model_free_pairs, one_pair_per_call
 from models.methods.pixels import image_pixels, mask_inside
 
 # Scar sizes in CutPasteParams are in pixels of a 256-pixel image.
 SCAR_REFERENCE_SIDE = 256
 # CutPaste-Scar turns its strip by up to this many degrees either way from upright.
 SCAR_MAX_ANGLE = 45.0
+
+
+calls = one_pair_per_call
+
+
+def generate(request: GenerateRequest, calls: list[list[Item]], on_progress: ProgressCallback):
+    """The method interface: one pair per call, each from its item's seed alone."""
+    return model_free_pairs(
+        request, calls, native_mask, lambda normal, mask, rng: synthesize(normal, mask, rng, request.params)
+    )
 
 
 def native_mask(rng: np.random.Generator, size: tuple[int, int], params: CutPasteParams) -> np.ndarray:

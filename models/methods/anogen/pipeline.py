@@ -16,7 +16,7 @@ Reproducibility: each output depends only on its inputs and its seed, whatever e
 batch (up to floating-point differences between batch sizes).
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from models.diffusion.adapters import read_adapter_config
 from models.diffusion.images import (
     check_mask,
     check_mode,
@@ -37,7 +38,9 @@ from models.diffusion.images import (
 from models.diffusion.loading import StableDiffusion, fresh_scheduler
 from models.diffusion.sampling import ddim_sample, encode_prompts, noised
 from models.diffusion.textual_inversion import LearnedEmbedding, placeholder_tokens, train_embedding
-from models.methods.params import AnoGenParams
+from models.masks.sampling import otsu_threshold
+from models.methods.anogen import AnoGenParams
+from models.methods.interface import Checkpoints, ProgressCallback
 
 METHOD = "anogen"
 PLACEHOLDER = "<anogen-defect>"
@@ -56,8 +59,6 @@ TRAINING_TEMPLATES = (
 GENERATION_TEMPLATE = "{}"
 # A refined mask ignores changes below this (out of 255): VAE round-trip noise, not defect.
 MIN_CHANGE = 12
-
-ProgressCallback = Callable[[str, int, int], None]  # (stage, done, total); may raise to cancel
 
 
 class GenerateItem(NamedTuple):
@@ -82,15 +83,13 @@ def finetune(
     *,
     seed: int,
     out_dir: str | Path,
-    checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int = 500,
+    checkpoints: Checkpoints | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> LearnedEmbedding:
     """Learn the defect embedding from (image, mask) exemplars and write the adapter to `out_dir`.
 
-    checkpoint_dir: a directory for this run's checkpoints, written every `checkpoint_every`
-    steps; if it holds one, training resumes from it. on_progress("train", step, train_steps)
-    follows every step. Returns the embedding it saved.
+    checkpoints: where this run's checkpoints go; if the folder holds one, training resumes from
+    it. on_progress("train", step, train_steps) follows every step. Returns the embedding it saved.
     """
     # 1. Exemplars to latents, and their masks to latent-size loss weights.
     _check_exemplars(exemplars, params)
@@ -111,8 +110,7 @@ def finetune(
         learning_rate=params.learning_rate,
         batch_size=params.batch_size,
         seed=seed,
-        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
-        checkpoint_every=checkpoint_every,
+        checkpoints=checkpoints,
         on_progress=(lambda done, total: on_progress("train", done, total)) if on_progress else None,
     )
 
@@ -139,7 +137,7 @@ def generate(
     each UNet call. on_progress("generate", steps done, steps in all) follows every denoising step.
     """
     # 1. Load the adapter and check the items.
-    embedding = _load_adapter(adapter)
+    embedding = load_adapter(adapter)
     items = [GenerateItem(*item) for item in items]
     _check_items(items)
 
@@ -203,13 +201,12 @@ def _generate_batch(sd, scheduler, cond, uncond, items, params, on_step) -> list
     return results
 
 
-def _load_adapter(adapter: str | Path | LearnedEmbedding) -> LearnedEmbedding:
+def load_adapter(adapter: str | Path | LearnedEmbedding) -> LearnedEmbedding:
+    """The embedding of an AnoGen fine-tune's output folder; InputError for another method's."""
     if isinstance(adapter, LearnedEmbedding):
         return adapter
-    embedding, config = LearnedEmbedding.load(Path(adapter))
-    if config.get("method") != METHOD:
-        raise ValueError(f"adapter {adapter} was made by method {config.get('method')!r}, not {METHOD!r}")
-    return embedding
+    read_adapter_config(Path(adapter), METHOD)
+    return LearnedEmbedding.load(Path(adapter))[0]
 
 
 def _check_exemplars(exemplars, params: AnoGenParams) -> None:
@@ -237,17 +234,5 @@ def _changed_region(image: np.ndarray, normal: np.ndarray, box: np.ndarray) -> n
         change = change.max(axis=2)
     radius = max(1, round(min(change.shape) / 256))  # ignore pixel-level speckle
     change = np.asarray(Image.fromarray(change).filter(ImageFilter.GaussianBlur(radius)))
-    threshold = max(_otsu_threshold(change[box]), MIN_CHANGE)
+    threshold = max(otsu_threshold(change[box]), MIN_CHANGE)
     return ((change >= threshold) & box).astype(np.uint8) * 255
-
-
-def _otsu_threshold(values: np.ndarray) -> int:
-    """The level that best splits uint8 `values` into two classes (Otsu): the upper class is >= it."""
-    counts = np.bincount(values.ravel(), minlength=256).astype(np.float64)
-    below = np.cumsum(counts)  # count at or below each level
-    sum_below = np.cumsum(counts * np.arange(256))
-    above = below[-1] - below
-    mean_below = sum_below / np.maximum(below, 1)
-    mean_above = (sum_below[-1] - sum_below) / np.maximum(above, 1)
-    between_class_variance = below * above * (mean_below - mean_above) ** 2
-    return int(np.argmax(between_class_variance)) + 1

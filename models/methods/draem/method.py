@@ -10,11 +10,25 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from models.methods.params import DraemParams
+from models.methods.draem import DraemParams
+from models.methods.interface import GenerateRequest, Item, ProgressCallback
+from models.methods.model_free import model_free_pairs, one_pair_per_call
 from models.methods.pixels import image_pixels, mask_inside
 
 MAX_MASK_TRIES = 64
 NOISE_TEXTURE_OCTAVES = 4
+
+
+calls = one_pair_per_call
+
+
+def generate(request: GenerateRequest, calls: list[list[Item]], on_progress: ProgressCallback):
+    """The method interface: one pair per call, each from its item's seed alone; textures from
+    the job's normal images."""
+    return model_free_pairs(
+        request, calls, native_mask,
+        lambda normal, mask, rng: synthesize(normal, mask, rng, request.params, textures=request.normals),
+    )
 
 
 def _apply_curve(image: Image.Image, curve: np.ndarray) -> Image.Image:

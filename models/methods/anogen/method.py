@@ -1,0 +1,55 @@
+"""AnoGen's side of the method interface (models.methods.interface): the worker's calls into pipeline.py."""
+
+from collections.abc import Iterator, Sequence
+
+from models.diffusion.loading import load_sd
+from models.masks.sampling import bounding_box
+from models.methods.anogen import pipeline
+from models.methods.interface import (
+    GENERATING,
+    FinetuneRequest,
+    GenerateRequest,
+    Item,
+    Pair,
+    ProgressCallback,
+    batched,
+)
+
+PAIRS_PER_CALL = 8  # items per call, all in one UNet batch
+
+
+def finetune(request: FinetuneRequest, on_progress: ProgressCallback) -> dict:
+    sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device)
+    pipeline.finetune(
+        sd,
+        [(exemplar.image, exemplar.mask) for exemplar in request.exemplars],
+        request.params,
+        seed=request.seed,
+        out_dir=request.adapter_dir,
+        checkpoints=request.checkpoints,
+        on_progress=lambda _stage, done, total: on_progress("training", done, total),
+    )
+    return {"train_steps": request.params.train_steps}
+
+
+def calls(request: GenerateRequest) -> list[list[Item]]:
+    return batched(request.items, PAIRS_PER_CALL)
+
+
+def generate(
+    request: GenerateRequest, calls: Sequence[list[Item]], on_progress: ProgressCallback
+) -> Iterator[list[Pair]]:
+    """Each item is painted inside the bounding box of its target mask: the box is its (weak) label."""
+    sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device)
+    embedding = pipeline.load_adapter(request.adapter_dir)
+    for call in calls:
+        items = [(request.normals[item.normal], bounding_box(request.target_mask(item)), item.seed) for item in call]
+        results = pipeline.generate(
+            sd, embedding, items, request.params, images_per_batch=PAIRS_PER_CALL,
+            on_progress=lambda _stage, done, total: on_progress(GENERATING, done, total),
+        )
+        yield [
+            Pair(item.index, result.image, result.mask, result.seed, weak_label=True,
+                 extra_masks={} if result.refined_mask is None else {"refined_mask": result.refined_mask})
+            for item, result in zip(call, results)
+        ]

@@ -1,0 +1,39 @@
+"""What a synthesis method declares about itself, torch-free: the API validates jobs against it
+and lists it under /v1/methods; the workers find its code through it.
+
+Each method is one package, `models/methods/<name>/`: its `__init__.py` holds the `SPEC` and the
+params model (pydantic only, so the slim API image can import it), and the module named by
+`SPEC.implementation` holds the code that runs on a worker, with the functions of
+`models.methods.interface`.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from models.methods.params import StrictModel
+from models.weights import missing_weights
+
+Family = Literal["model-free", "fine-tune", "training-free"]
+JobKind = Literal["finetune", "generate"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    family: Family
+    summary: str
+    params: type[StrictModel]
+    kinds: tuple[JobKind, ...]  # job kinds it serves
+    mask_sources: tuple[str, ...]
+    default_mask_source: str
+    implementation: str  # module with its finetune / generate (see models.methods.interface)
+    weights: tuple[str, ...] = ()  # settings naming the local weight directories it needs
+    # Generate jobs take anomaly exemplars as the references they copy from (at least one).
+    generate_needs_references: bool = False
+    # Fine-tune jobs learn from normal images of the product as well as the exemplars.
+    finetune_needs_normals: bool = False
+
+    def unavailable_reason(self, weight_dirs: Mapping[str, str | None]) -> str | None:
+        """None when the method can run with these weight settings, else every reason it cannot."""
+        return "; ".join(missing_weights(self.weights, weight_dirs)) or None

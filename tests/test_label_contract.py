@@ -1,0 +1,102 @@
+"""The label contract, enforced once in the shared output path: outside a pair's written mask (plus
+a blend band of at most 3 px) its image is the normal image's, exactly.
+
+Every registered method runs here through its interface on small inputs and each of its pairs is
+checked; a new method must add its tiny settings to TINY_PARAMS (the test fails until it does).
+"""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.methods.interface import (
+    LABEL_BAND,
+    Checkpoints,
+    Exemplar,
+    FinetuneRequest,
+    GenerateRequest,
+    NormalImages,
+    Pair,
+    job_items,
+    label_contract_violation,
+)
+from models.methods.params import MaskSpec
+from models.methods.registry import METHODS, generate_all, implementation
+from service.records import Records, connect
+from service.settings import Settings
+from service.storage import LocalStorage
+from tests.diffusion_fixtures import box_mask, textured_image
+from workers.context import JobContext
+from workers.outputs import GenerateOutputs, LabelContractBroken
+
+pytest_plugins = ["tests.diffusion_fixtures"]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+DIFFUSION = {"resolution": 64, "num_inference_steps": 3}
+TINY_PARAMS = {
+    "draem": {},
+    "cutpaste": {},
+    "anogen": {**DIFFUSION, "train_steps": 2, "batch_size": 1},
+    "o2mag": {**DIFFUSION, "ago_steps": 1, "mask_dilation": 6},  # a fade wider than the band
+}
+
+
+def test_every_method_has_tiny_settings_here():
+    assert set(METHODS) <= set(TINY_PARAMS), "add the new method's tiny params to TINY_PARAMS"
+
+
+@pytest.fixture(scope="module")
+def weight_dirs(tiny_sd_dir):
+    return {"SD_MODEL_DIR": str(tiny_sd_dir)}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_PARAMS))
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_every_method_keeps_the_label_contract(name, mode, weight_dirs, tmp_path):
+    spec = METHODS[name]
+    params = spec.params.model_validate(TINY_PARAMS[name])
+    reference = Exemplar("ref", textured_image(56, 72, mode, seed=1), box_mask(56, 72, (20, 16, 44, 40)), "p", "d")
+    normals = [textured_image(60, 76, mode, seed=s) for s in (2, 3)]
+    adapter = None
+    if "finetune" in spec.kinds:
+        adapter = tmp_path / "adapter"
+        implementation(spec).finetune(FinetuneRequest(
+            params, [reference], NormalImages.in_memory(normals), seed=0, adapter_dir=adapter,
+            checkpoints=Checkpoints(tmp_path / "checkpoints"), weight_dirs=weight_dirs, device="cpu",
+        ), lambda *_: None)
+    request = GenerateRequest(
+        params=params, masks=MaskSpec(source=spec.default_mask_source), exemplars=[reference], given_masks=[],
+        normals=NormalImages.in_memory(normals), items=job_items(3, 0, 2, 1), adapter_dir=adapter,
+        weight_dirs=weight_dirs, device="cpu",
+    )
+    pairs = generate_all(spec, request)
+    assert [pair.index for pair in pairs] == [0, 1, 2]
+    for pair in pairs:
+        normal = normals[request.items[pair.index].normal]
+        assert label_contract_violation(normal, pair) is None
+        assert pair.mask_u8.any()
+
+
+def test_the_check_allows_the_band_and_nothing_beyond():
+    normal = textured_image(40, 40, "RGB", seed=4)
+    mask = box_mask(40, 40, (10, 10, 20, 20))
+    pixels = np.asarray(normal).copy()
+    pixels[10:20, 10:20 + LABEL_BAND] = 0  # inside and across the band
+    assert label_contract_violation(normal, Pair(0, Image.fromarray(pixels), mask, 0)) is None
+    pixels[15, 20 + LABEL_BAND] = 255 - pixels[15, 20 + LABEL_BAND]  # one pixel beyond it
+    assert "1 pixels farther than 3 px" in label_contract_violation(normal, Pair(0, Image.fromarray(pixels), mask, 0))
+    assert "image is L" in label_contract_violation(normal, Pair(0, normal.convert("L"), mask, 0))
+    assert "the mask is" in label_contract_violation(normal, Pair(0, normal, mask[:30], 0))
+
+
+def test_the_worker_refuses_to_write_a_wrong_label(redis_url, tmp_path):
+    normal = textured_image(32, 32, "L", seed=5)
+    job = {"id": "contract", "tenant": "t", "method": "draem", "defect": "d", "normals": ["n0"]}
+    storage = LocalStorage(tmp_path)
+    context = JobContext(job, Records(connect(redis_url)), storage, Settings())
+    outputs = GenerateOutputs(context, NormalImages(["n0"], lambda _: normal))
+    changed = Image.fromarray(np.asarray(normal) // 2)  # every pixel, though the mask is one box
+    item = job_items(1, 0, 1, 0)[0]
+    with pytest.raises(LabelContractBroken, match="draem broke the label contract"):
+        outputs.add(Pair(0, changed, box_mask(32, 32, (4, 4, 8, 8)), item.seed), item)
+    assert list(storage.list("jobs/")) == []  # nothing of the pair was written
