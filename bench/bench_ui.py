@@ -5,7 +5,8 @@ A real service (API, worker, Redis) makes the job; a real headless Chromium with
 (an empty cache) opens /ui/jobs/<id>, each run in a new browser. Times come from the page's own
 Performance API (navigation start = 0); bytes are the transfer sizes of every response that ended
 before the first screenful was complete. The same screenful as full-size images is printed beside
-it, and the server-side cost of one thumbnail.
+it; then, for pairs of several sizes, a screenful of thumbnails made by the API on request against
+the ones the worker wrote beside the pairs.
 
     .venv/bin/python -m bench.bench_ui [--count 1000] [--size 256] [--runs 5]
 """
@@ -21,7 +22,6 @@ import numpy as np
 from PIL import Image
 
 from bench.common import png, running_service
-from service.thumbnails import make_thumbnail
 from tests.browser import start_chromium, stop_chromium
 
 # Resolves when every pair cell on screen shows its thumbnail and (mask mode "outline") its
@@ -112,52 +112,71 @@ def surface(rng, size: int) -> np.ndarray:
     return np.clip(np.asarray(coarse, np.float64) + grain, 0, 255).astype(np.uint8)
 
 
+def make_job(client, rng, count: int, size: int) -> str:
+    """A draem generate job of `count` RGB pairs at size x size, run to the end."""
+    normals = [
+        client.post("/v1/exemplars", files={"image": ("n.png", png(surface(rng, size)))},
+                    data={"product": "bench"}).json()["id"]
+        for _ in range(4)
+    ]
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 3: size // 2, size // 3: 2 * size // 3] = 255
+    exemplar = client.post(
+        "/v1/exemplars",
+        files={"image": ("a.png", png(surface(rng, size))), "mask": ("m.png", png(mask))},
+        data={"product": "bench", "defect": "stain"},
+    ).json()["id"]
+    job_id = client.post("/v1/jobs", json={"kind": "generate", "method": "draem", "count": count, "normals": normals,
+                                           "exemplars": [exemplar], "masks": {"source": "exemplar"}}).json()["id"]
+    while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
+        time.sleep(0.5)
+    assert job["status"] == "succeeded", job
+    return job_id
+
+
+def compare_thumbnail_sources(client, job_id: str, size: int, pairs: int, rounds: int) -> None:
+    """One screenful of thumbnails through the API, made on request (?thumb=256) against the ones
+    the worker wrote (thumbs/), fetched one after the other as the page does, alternating rounds."""
+    base = f"/v1/jobs/{job_id}/artifacts/jobs/{job_id}"
+    sources = {
+        "on request (?thumb=256)": [f"{base}/images/stain/{i}.png?thumb=256" for i in range(pairs)]
+        + [f"{base}/masks/stain/{i}_mask.png?thumb=256" for i in range(pairs)],
+        "written by the worker": [f"{base}/thumbs/stain/{i}.jpg" for i in range(pairs)]
+        + [f"{base}/thumbs/stain/{i}_mask.png" for i in range(pairs)],
+    }
+    timings: dict[str, list[float]] = {name: [] for name in sources}
+    for _ in range(rounds):
+        for name, urls in sources.items():
+            start = time.perf_counter()
+            for url in urls:
+                assert client.get(url).status_code == 200
+            timings[name].append((time.perf_counter() - start) * 1000)
+    print(f"\n{pairs} pairs at {size}x{size}: thumbnails of a screenful (images + masks), {rounds} rounds, medians:")
+    for name, values in timings.items():
+        print(f"  {name:26s} {statistics.median(values):7.0f} ms  ({statistics.median(values) / pairs:.1f} ms a pair)")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--compare-sizes", type=int, nargs="*", default=[512, 1024])
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     with running_service(with_worker=True) as base:
         client = httpx.Client(base_url=base, timeout=60)
-        normals = [
-            client.post("/v1/exemplars", files={"image": ("n.png", png(surface(rng, args.size)))},
-                        data={"product": "bench"}).json()["id"]
-            for _ in range(4)
-        ]
-        mask = np.zeros((args.size, args.size), np.uint8)
-        mask[args.size // 3: args.size // 2, args.size // 3: 2 * args.size // 3] = 255
-        exemplar = client.post(
-            "/v1/exemplars",
-            files={"image": ("a.png", png(surface(rng, args.size))), "mask": ("m.png", png(mask))},
-            data={"product": "bench", "defect": "stain"},
-        ).json()["id"]
         started = time.perf_counter()
-        job_id = client.post("/v1/jobs", json={"kind": "generate", "method": "draem", "count": args.count,
-                                               "normals": normals, "exemplars": [exemplar],
-                                               "masks": {"source": "exemplar"}}).json()["id"]
-        while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
-            time.sleep(0.5)
-        assert job["status"] == "succeeded", job
+        job_id = make_job(client, rng, args.count, args.size)
         made = time.perf_counter() - started
         print(f"{args.count}-pair draem job at {args.size}x{args.size} RGB made in {made:.0f} s")
         sizes = {a["key"]: a["size"] for a in client.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]}
-
         for label, (width, height) in (("laptop 1366x768", (1366, 768)), ("tablet 820x1180", (820, 1180))):
             runs = [one_run(base, job_id, width, height) for _ in range(args.runs)]
             report(label, runs, sizes, job_id)
-
-        image = client.get(f"/v1/jobs/{job_id}/artifacts/jobs/{job_id}/images/stain/0.png").content
-        mask_png = client.get(f"/v1/jobs/{job_id}/artifacts/jobs/{job_id}/masks/stain/0_mask.png").content
-        for name, data in (("image", image), ("mask", mask_png)):
-            timings = []
-            for _ in range(50):
-                start = time.perf_counter()
-                make_thumbnail(data, 256)
-                timings.append((time.perf_counter() - start) * 1000)
-            print(f"\nserver-side thumbnail of one {args.size}px {name}: median {statistics.median(timings):.2f} ms "
-                  f"({len(make_thumbnail(data, 256)[0]) / 1024:.1f} KiB from {len(data) / 1024:.1f} KiB)")
+        for size in [args.size, *args.compare_sizes]:
+            small_job = job_id if size == args.size else make_job(client, rng, 24, size)
+            compare_thumbnail_sources(client, small_job, size, 24, rounds=5)
     print(f"\n{platform.node()} ({os.cpu_count()} cores, shared), {platform.processor() or platform.machine()}")
 
 
