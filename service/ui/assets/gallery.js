@@ -97,13 +97,14 @@ export function gallery(container, job, {loader, files, query, navigate}) {
     masks.get(index).then((mask) => drawMask(canvas, mask, mode), () => {});
   }
 
+  // The thumbnail and its mask are fetched side by side; each is drawn when it arrives.
   function loadCell(cell) {
     const index = Number(cell.dataset.index);
     const image = cell.querySelector("img");
+    cell.dataset.loaded = "1";
+    overlay(cell);
     pageLoader.load(thumbnailUrls(job, index).image).then((url) => {
       image.src = url;
-      cell.dataset.loaded = "1";
-      overlay(cell);
     }, (error) => {
       if (error.name !== "AbortError") cell.querySelector(".caption").append(" (not available)");
     });
