@@ -35,11 +35,12 @@ def test_page_and_deep_links_answer_the_page_without_a_key(api_url):
 
 def _referenced_assets(api_url: str) -> set[str]:
     """Every /ui/assets/ file the page names, and every module those modules import."""
-    page = httpx.get(f"{api_url}/ui").text
+    client = httpx.Client(base_url=api_url)
+    page = client.get("/ui").text
     found = set(re.findall(r'(?:href|src)="/ui/assets/([^"]+)"', page))
     modules = [name for name in found if name.endswith(".js")]
     while modules:
-        source = httpx.get(f"{api_url}/ui/assets/{modules.pop()}").text
+        source = client.get(f"/ui/assets/{modules.pop()}").text
         for imported in re.findall(r'^import [^;]*? from "\./([^"]+)";', source, re.M):
             if imported not in found:
                 found.add(imported)
@@ -50,18 +51,19 @@ def _referenced_assets(api_url: str) -> set[str]:
 def test_assets_have_their_content_types_gzip_and_etags(api_url):
     names = _referenced_assets(api_url)
     assert {"app.js", "api.js", "gallery.js", "app.css", "icon.svg"} <= names
+    client = httpx.Client(base_url=api_url)
     for name in names:
-        plain = httpx.get(f"{api_url}/ui/assets/{name}", headers={"accept-encoding": "identity"})
+        plain = client.get(f"/ui/assets/{name}", headers={"accept-encoding": "identity"})
         assert plain.status_code == 200, name
         assert plain.headers["content-type"].split(";")[0] == MEDIA_TYPES[name[name.rindex("."):]], name
         assert "content-encoding" not in plain.headers
         assert plain.headers["cache-control"] == "no-cache"
         # httpx decodes gzip itself; read the raw bytes to see what went over the wire.
-        with httpx.stream("GET", f"{api_url}/ui/assets/{name}", headers={"accept-encoding": "gzip"}) as zipped:
+        with client.stream("GET", f"/ui/assets/{name}", headers={"accept-encoding": "gzip"}) as zipped:
             raw = b"".join(zipped.iter_raw())
             assert zipped.headers["content-encoding"] == "gzip" and zipped.headers["vary"] == "Accept-Encoding"
         assert gzip.decompress(raw) == plain.content
-        again = httpx.get(f"{api_url}/ui/assets/{name}", headers={"if-none-match": plain.headers["etag"]})
+        again = client.get(f"/ui/assets/{name}", headers={"if-none-match": plain.headers["etag"]})
         assert again.status_code == 304 and not again.content, name
 
 

@@ -76,7 +76,7 @@ function keyPrompt(reason) {
         input.select();
       }
     }},
-    h("label", {for: "api-key"}, "Key"), input, error, submit)));
+    h("label", {for: "api-key", class: "field-label"}, "Key"), input, error, submit)));
   input.focus();
 }
 
