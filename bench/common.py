@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from service.embedded import free_port, start_redis, worker_command
+from service.embedded import free_port, lower_priority, start_redis, worker_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,8 +29,9 @@ def png(array: np.ndarray) -> bytes:
 
 
 @contextmanager
-def running_service(with_worker: bool):
-    """Yields the API base URL; Redis (append-only off), storage and logs live in a temp dir."""
+def running_service(with_worker: bool, workers: int = 1, extra_env: dict | None = None):
+    """Yields the API base URL; Redis (append-only off), storage and logs live in a temp dir. Workers
+    run at a lower CPU priority than the API, as `make run` starts them."""
     with tempfile.TemporaryDirectory() as tmp:
         redis_proc, redis_url = start_redis(Path(tmp))
         port = free_port()
@@ -41,6 +42,7 @@ def running_service(with_worker: bool):
             PORT=str(port),
             WORKER_METRICS_PORT=str(free_port()),
             DATA_DIR=tmp,
+            **(extra_env or {}),
         )
         env.pop("API_KEYS", None)
         log = open(Path(tmp) / "service.log", "wb")
@@ -49,10 +51,12 @@ def running_service(with_worker: bool):
                 [sys.executable, "-m", "service.serve"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
             )
         ]
-        if with_worker:
-            children.append(
-                subprocess.Popen(worker_command("gpu", 1), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            )
+        for number in range(workers if with_worker else 0):
+            command = worker_command("gpu", 1)
+            command[command.index("--hostname") + 1] = f"gpu{number}@%h"
+            worker_env = dict(env, WORKER_METRICS_PORT=str(free_port()))
+            children.append(subprocess.Popen(command, env=worker_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                             preexec_fn=lower_priority))
         base = f"http://127.0.0.1:{port}"
         try:
             for _ in range(300):
@@ -61,9 +65,9 @@ def running_service(with_worker: bool):
                         break
                 except httpx.HTTPError:
                     time.sleep(0.1)
-            if with_worker:  # wait for the worker to be ready
+            if with_worker:  # wait for the workers to be ready
                 for _ in range(600):
-                    if b" ready." in (Path(tmp) / "service.log").read_bytes():
+                    if (Path(tmp) / "service.log").read_bytes().count(b" ready.") >= workers:
                         break
                     time.sleep(0.1)
             yield base

@@ -43,7 +43,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app = FastAPI(title="Anomaly synthesis service", version="1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
-    app.state.records = records_module.Records(records_module.connect(settings.redis_url))
+    app.state.records = records_module.Records(
+        records_module.connect(settings.redis_url, timeout=records_module.API_TIMEOUT)
+    )
     app.state.storage = open_storage(settings.storage_url)
     app.state.producer = make_producer(settings)
     install_error_handlers(app)

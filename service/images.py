@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from fastapi import UploadFile
-from PIL import Image
+from PIL import Image, ImageOps
 
-from service.errors import ApiError
+from service.errors import ApiError, echo
 
 ACCEPTED_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "BMP": "bmp", "TIFF": "tiff"}
 # Modes we convert losslessly (or by dropping alpha) to the two modes the methods work in.
@@ -29,9 +29,9 @@ class DecodedImage:
 async def read_upload(upload: UploadFile, field: str, max_bytes: int) -> bytes:
     data = await upload.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise ApiError(413, "file_too_large", f"{field} ({upload.filename}) is over the {max_bytes}-byte limit")
+        raise ApiError(413, "file_too_large", f"{field} ({echo(upload.filename)}) is over the {max_bytes}-byte limit")
     if not data:
-        raise ApiError(400, "empty_file", f"{field} ({upload.filename}) is empty")
+        raise ApiError(400, "empty_file", f"{field} ({echo(upload.filename)}) is empty")
     return data
 
 
@@ -52,7 +52,11 @@ def _open(data: bytes, field: str, max_side: int) -> Image.Image:
                 raise ApiError(
                     413, "image_too_large", f"{field} is {width}x{height}; the limit is {max_side} px a side"
                 )
+            _refuse_deep_samples(img, data, field)
             img.load()
+            # Phone and camera JPEGs store the sensor's orientation in EXIF: turn the pixels upright,
+            # for images and masks alike, so that a mask drawn on the upright view matches.
+            img = ImageOps.exif_transpose(img)
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -62,6 +66,28 @@ def _open(data: bytes, field: str, max_side: int) -> Image.Image:
     except Exception as exc:  # truncated or corrupt data
         raise ApiError(400, "invalid_image", f"{field} could not be decoded: {exc}") from None
     return img
+
+
+def _bits_per_sample(img: Image.Image, data: bytes) -> int:
+    """Bits of one channel of one pixel as stored. Pillow opens 16-bit RGB PNGs and TIFFs as 8-bit
+    'RGB' (keeping the high byte), so the file's own header is read."""
+    if img.format == "PNG" and len(data) > 24:
+        return data[24]  # IHDR's bit depth: 8-byte signature, length, "IHDR", width, height
+    if img.format == "TIFF":
+        bits = img.tag_v2.get(258, (8,))  # BitsPerSample
+        return max(bits) if isinstance(bits, tuple) else int(bits)
+    return 8
+
+
+def _refuse_deep_samples(img: Image.Image, data: bytes, field: str) -> None:
+    bits = _bits_per_sample(img, data)
+    if bits > 8:  # grey and colour alike: refused rather than silently cut to their high byte
+        raise ApiError(
+            415,
+            "unsupported_image_mode",
+            f"{field} has {bits} bits per sample; send 8-bit grayscale or RGB "
+            "(scale the data to 8 bits with the windowing that suits it, e.g. its min..max)",
+        )
 
 
 def _png(img: Image.Image) -> bytes:

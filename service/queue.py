@@ -41,8 +41,15 @@ def celery_config(settings: Settings) -> dict:
 
 
 def make_producer(settings: Settings) -> Celery:
+    """The API's Celery app. It gives up on a broker that is away within a second or two, so that a
+    submit answers 503 instead of hanging (workers keep the patient defaults)."""
+    config = celery_config(settings)
+    config["broker_transport_options"] |= {"socket_timeout": 1.0, "socket_connect_timeout": 0.5}
+    config["broker_connection_timeout"] = 0.5
+    config["task_publish_retry_policy"] = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2,
+                                           "interval_max": 0.2}
     app = Celery("anomaly_synth_api")
-    app.conf.update(celery_config(settings))
+    app.conf.update(config)
     return app
 
 

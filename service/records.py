@@ -12,6 +12,8 @@ import time
 import uuid
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -50,8 +52,9 @@ redis.call('SADD', KEYS[2], ARGV[2])
 return 1
 """
 
-# Put a running job whose heartbeat is older than ARGV[1] back in the queue.
-_REQUEUE_ORPHAN = """
+# Set the fields ARGV[3..] of a running job whose heartbeat is older than ARGV[1] (its worker died):
+# back to queued for orphan recovery, or cancelled for a DELETE. Either way it leaves the running set.
+_TAKE_ORPHAN = """
 local raw = redis.call('HGET', KEYS[1], 'status')
 if not raw or cjson.decode(raw) ~= 'running' then
   redis.call('SREM', KEYS[2], ARGV[2])
@@ -59,7 +62,7 @@ if not raw or cjson.decode(raw) ~= 'running' then
 end
 local beat = cjson.decode(redis.call('HGET', KEYS[1], 'heartbeat_at') or 'null')
 if beat ~= cjson.null and beat > tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'status', '"queued"')
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('SREM', KEYS[2], ARGV[2])
 return 1
 """
@@ -75,8 +78,23 @@ def now() -> float:
     return time.time()
 
 
-def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+# The API gives up on Redis quickly, so that with the store away a request is a 503 within about
+# 2 s rather than a hang (redis-py would otherwise retry 10 times with backoff). Workers wait longer.
+API_TIMEOUT = 0.5
+WORKER_TIMEOUT = 5.0
+
+
+def connect(url: str, timeout: float = WORKER_TIMEOUT) -> redis.Redis:
+    """A client that waits at most `timeout` s to connect or for a reply, and retries once at once
+    (a pooled connection that Redis closed, say after a restart)."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        health_check_interval=30,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        retry=Retry(NoBackoff(), 1),
+    )
 
 
 class Records:
@@ -84,7 +102,7 @@ class Records:
         self.redis = client
         self._transition = client.register_script(_TRANSITION)
         self._claim = client.register_script(_CLAIM)
-        self._requeue_orphan = client.register_script(_REQUEUE_ORPHAN)
+        self._take_orphan = client.register_script(_TAKE_ORPHAN)
 
     # -- exemplars and datasets: immutable JSON records ------------------------------------
     def put_record(self, kind: str, record: dict) -> None:
@@ -97,6 +115,17 @@ class Records:
         raw = self.redis.get(f"{kind}:{record_id}")
         record = json.loads(raw) if raw else None
         return record if record and record["tenant"] == tenant else None
+
+    def get_records(self, kind: str, tenant: str, ids: list[str]) -> dict[str, dict]:
+        """The tenant's records among `ids`, by id, in one round trip (a job may list 10,000)."""
+        if not ids:
+            return {}
+        found = {}
+        for raw in self.redis.mget([f"{kind}:{i}" for i in ids]):
+            record = json.loads(raw) if raw else None
+            if record and record["tenant"] == tenant:
+                found[record["id"]] = record
+        return found
 
     def list_records(self, kind: str, tenant: str, limit: int = 1000) -> list[dict]:
         ids = self.redis.zrevrange(f"tenant:{tenant}:{kind}s", 0, limit - 1)
@@ -174,9 +203,20 @@ class Records:
         """Running jobs whose worker stopped beating before `stale_before`, set back to queued."""
         requeued = []
         for job_id in self.redis.smembers(RUNNING_SET):
-            if self._requeue_orphan(keys=[f"job:{job_id}", RUNNING_SET], args=[stale_before, job_id]) == 1:
+            if self._set_if_orphaned(job_id, stale_before, status="queued"):
                 requeued.append(self.get_job(job_id))
         return requeued
+
+    def cancel_if_orphaned(self, job_id: str, stale_before: float) -> bool:
+        """Cancel a running job at once if its worker stopped beating before `stale_before`: no
+        worker is left to see the cancel request."""
+        return self._set_if_orphaned(job_id, stale_before, status="cancelled", finished_at=now())
+
+    def _set_if_orphaned(self, job_id: str, stale_before: float, **fields) -> bool:
+        args = [stale_before, job_id]
+        for key, value in fields.items():
+            args += [key, json.dumps(value)]
+        return self._take_orphan(keys=[f"job:{job_id}", RUNNING_SET], args=args) == 1
 
     def transition(self, job_id: str, allowed_from: tuple[str, ...], **fields) -> bool:
         """Set `fields` (normally including a new status) only if the status is in allowed_from."""

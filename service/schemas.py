@@ -1,13 +1,15 @@
 """Request and response bodies of the REST API (DESIGN section 3)."""
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from models.methods.params import MaskSpec
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
+# Ids are 32 hex digits; anything much longer is not one of ours, and is not echoed back.
+Id = Annotated[StrictStr, Field(min_length=1, max_length=64)]
 JobKind = Literal["finetune", "generate", "evaluate"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -56,20 +58,22 @@ class JobCreate(BaseModel):
     )
 
     kind: JobKind
-    method: str | None = Field(default=None, description="see GET /v1/methods; not used by evaluate jobs")
+    method: StrictStr | None = Field(
+        default=None, max_length=64, description="see GET /v1/methods; not used by evaluate jobs"
+    )
     product: str | None = Field(default=None, pattern=NAME_PATTERN, description="default: the exemplars' product")
     defect: str | None = Field(
         default=None, pattern=NAME_PATTERN, description="output folder name; default: the exemplars' defect"
     )
-    exemplars: list[str] = Field(default_factory=list, max_length=64, description="anomaly exemplar ids")
-    normals: list[str] = Field(default_factory=list, max_length=10_000, description="normal image ids")
-    adapter: str | None = Field(default=None, description="id of a succeeded fine-tune job of the same method")
-    count: int = Field(default=10, ge=1, description="pairs to generate")
-    seed: int | None = Field(default=None, ge=0, lt=2**32, description="default: drawn at submit and recorded")
+    exemplars: list[Id] = Field(default_factory=list, max_length=64, description="anomaly exemplar ids")
+    normals: list[Id] = Field(default_factory=list, max_length=10_000, description="normal image ids")
+    adapter: Id | None = Field(default=None, description="id of a succeeded fine-tune job of the same method")
+    count: StrictInt = Field(default=10, ge=1, description="pairs to generate")
+    seed: StrictInt | None = Field(default=None, ge=0, lt=2**32, description="default: drawn at submit and recorded")
     masks: MaskSpec = Field(default_factory=MaskSpec)
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters: see params_schema")
-    dataset: str | None = Field(default=None, description="evaluate: dataset id")
-    generated: list[str] = Field(default_factory=list, description="evaluate: generate job ids")
+    dataset: Id | None = Field(default=None, description="evaluate: dataset id")
+    generated: list[Id] = Field(default_factory=list, max_length=64, description="evaluate: generate job ids")
 
 
 class Progress(BaseModel):

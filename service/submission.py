@@ -1,13 +1,15 @@
 """Turning a job request into a queued job: every check happens before anything is written."""
 
+import json
 import secrets
+from collections import Counter
 from collections.abc import Callable
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from models.downstream.params import EvaluateParams
 from models.methods.registry import METHODS
-from service.errors import ApiError, describe_validation_errors
+from service.errors import ApiError, describe_validation_errors, echo
 from service.queue import enqueue_job
 from service.records import now
 from service.schemas import JobCreate
@@ -20,13 +22,49 @@ def _exemplars(ids: list[str], lookup: ExemplarLookup, kind: str, field: str) ->
     for exemplar_id in ids:
         record = lookup(exemplar_id)
         if record is None:
-            raise ApiError(422, "unknown_exemplar", f"{field}: no exemplar with id {exemplar_id!r}")
+            raise ApiError(422, "unknown_exemplar", f"{field}: no exemplar with id {echo(exemplar_id)}")
         if record["kind"] != kind:
             raise ApiError(
-                422, "wrong_exemplar_kind", f"{field}: exemplar {exemplar_id!r} is a {record['kind']} image, not {kind}"
+                422,
+                "wrong_exemplar_kind",
+                f"{field}: exemplar {echo(exemplar_id)} is a {record['kind']} image, not {kind}",
             )
         found.append(record)
     return found
+
+
+def validated_params(model: type[BaseModel], raw: dict) -> BaseModel:
+    """Method or evaluate params, validated strictly as the JSON they came in as: "3" is not a
+    number, 1 is not true, and Infinity is no value of any knob."""
+    try:
+        return model.model_validate_json(json.dumps(raw), strict=True)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_params", describe_validation_errors(exc.errors())) from None
+    except (ValueError, RecursionError):
+        raise ApiError(422, "invalid_params", "params is nested too deeply to be a parameter object") from None
+
+
+def reject_duplicate_ids(body: JobCreate) -> None:
+    """An id listed twice is a mistake (and would repeat that image in every output and export)."""
+    for field, ids in (("exemplars", body.exemplars), ("normals", body.normals), ("masks.masks", body.masks.masks),
+                       ("generated", body.generated)):
+        repeated = [i for i, n in Counter(ids).items() if n > 1]
+        if repeated:
+            shown = ", ".join(echo(i) for i in repeated[:3]) + (" and more" if len(repeated) > 3 else "")
+            raise ApiError(422, "duplicate_ids", f"{field} lists the same id more than once: {shown}")
+
+
+def check_boxes_fit(masks, normals: list[dict]) -> None:
+    """Fixed boxes are in pixels: each must lie inside every normal image it may be drawn on."""
+    for box in masks.boxes or []:
+        for normal in normals:
+            if box[2] > normal["width"] or box[3] > normal["height"]:
+                raise ApiError(
+                    422,
+                    "box_outside_image",
+                    f"masks.boxes: box {list(box)} reaches outside normal image {echo(normal['id'])} "
+                    f"({normal['width']}x{normal['height']})",
+                )
 
 
 def _job_record(tenant: str, body: JobCreate, **fields) -> dict:
@@ -55,23 +93,18 @@ def build_evaluate_job(tenant: str, body: JobCreate, get_dataset, get_job) -> di
     """An evaluate job: a dataset of the tenant's, and succeeded generate jobs of the tenant's."""
     if body.method:
         raise ApiError(422, "invalid_request", "evaluate jobs take no `method`: they evaluate `generated` jobs")
-    try:
-        params = EvaluateParams.model_validate(body.params)
-    except ValidationError as exc:
-        raise ApiError(422, "invalid_params", describe_validation_errors(exc.errors())) from None
+    params = validated_params(EvaluateParams, body.params)
     if not body.dataset:
         raise ApiError(422, "dataset_required", "an evaluate job needs `dataset`: the id of an uploaded dataset")
     dataset = get_dataset(body.dataset)
     if dataset is None:
-        raise ApiError(422, "unknown_dataset", f"dataset: no dataset with id {body.dataset!r}")
+        raise ApiError(422, "unknown_dataset", f"dataset: no dataset with id {echo(body.dataset)}")
     for job_id in body.generated:
         job = get_job(job_id)
         if job is None or job["kind"] != "generate":
-            raise ApiError(422, "unknown_job", f"generated: no generate job with id {job_id!r}")
+            raise ApiError(422, "unknown_job", f"generated: no generate job with id {echo(job_id)}")
         if job["status"] != "succeeded":
             raise ApiError(409, "job_not_succeeded", f"generate job {job_id} is {job['status']}, not succeeded")
-    if len(set(body.generated)) != len(body.generated):
-        raise ApiError(422, "invalid_request", "generated: a job is listed twice")
     if not body.generated and not params.baselines:
         raise ApiError(422, "nothing_to_evaluate", "list generate jobs in `generated`, or keep `baselines` on")
     return _job_record(
@@ -83,6 +116,7 @@ def build_evaluate_job(tenant: str, body: JobCreate, get_dataset, get_job) -> di
 
 def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, get_job, get_dataset=None) -> dict:
     """Validate `body` against the method, the tenant's exemplars and the limits; return the record."""
+    reject_duplicate_ids(body)
     if body.kind == "evaluate":
         return build_evaluate_job(tenant, body, get_dataset or (lambda _: None), get_job)
     if body.dataset or body.generated:
@@ -91,7 +125,8 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
         raise ApiError(422, "invalid_request", f"a {body.kind} job needs a `method`")
     method = METHODS.get(body.method)
     if method is None:
-        raise ApiError(422, "unknown_method", f"unknown method {body.method!r}; known: {', '.join(sorted(METHODS))}")
+        known = ", ".join(sorted(METHODS))
+        raise ApiError(422, "unknown_method", f"unknown method {echo(body.method)}; known: {known}")
     if body.kind not in method.kinds:
         raise ApiError(
             422, "unsupported_kind", f"{method.name} runs {' and '.join(method.kinds)} jobs, not {body.kind}"
@@ -99,15 +134,13 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
     reason = method.unavailable_reason(settings.weight_dirs)
     if reason:
         raise ApiError(409, "method_unavailable", f"{method.name} is not available here: {reason}")
-    try:
-        params = method.params.model_validate(body.params)
-    except ValidationError as exc:
-        raise ApiError(422, "invalid_params", describe_validation_errors(exc.errors())) from None
+    params = validated_params(method.params, body.params)
     if body.count > settings.max_count:
         raise ApiError(422, "count_too_large", f"count {body.count} is over the limit of {settings.max_count}")
 
     exemplars = _exemplars(body.exemplars, lookup, "anomaly", "exemplars")
     normals = _exemplars(body.normals, lookup, "normal", "normals")
+    check_boxes_fit(body.masks, normals)
     if body.kind == "generate" and not normals:
         raise ApiError(422, "normals_required", "a generate job needs at least one normal image in `normals`")
     if body.kind == "generate" and method.generate_needs_references and not exemplars:

@@ -1,12 +1,24 @@
 """Exemplar uploads: validate every file first, store only when all of them are good."""
 
+import os
 from dataclasses import dataclass
+from functools import partial
 
+import anyio
 from fastapi import UploadFile
 
 from service.errors import ApiError
 from service.images import DecodedImage, decode_image, decode_mask, read_upload
 from service.records import new_id, now
+
+# Decoding (and re-encoding) an image is seconds of CPU for a 4096 px upload. It runs in threads,
+# off the event loop, and at most this many at once, so that a burst of uploads leaves a core to the
+# loop and the request threads.
+DECODE_LIMITER = anyio.CapacityLimiter(max(1, (os.cpu_count() or 2) - 1))
+
+
+async def _decode(function, *args):
+    return await anyio.to_thread.run_sync(partial(function, *args), limiter=DECODE_LIMITER)
 
 
 @dataclass
@@ -32,11 +44,12 @@ async def validate_exemplar(
     if defect and mask is None:
         raise ApiError(422, "mask_required", f"defect {defect!r} needs its `mask` file")
     data = await read_upload(image, field, settings.max_upload_bytes)
-    decoded = decode_image(data, field, settings.max_image_side)
+    # Decoding is CPU work (a 4096 px JPEG takes a second): in the thread pool, off the event loop.
+    decoded = await _decode(decode_image, data, field, settings.max_image_side)
     decoded_mask = None
     if mask is not None:
         mask_data = await read_upload(mask, "mask", settings.max_upload_bytes)
-        decoded_mask = decode_mask(mask_data, "mask", decoded.size, settings.max_image_side)
+        decoded_mask = await _decode(decode_mask, mask_data, "mask", decoded.size, settings.max_image_side)
     exemplar_id = new_id()
     record = {
         "id": exemplar_id,
@@ -55,20 +68,24 @@ async def validate_exemplar(
 
 
 def store_exemplars(storage, records, pending: list[PendingExemplar]) -> None:
-    """Files first, records last: a failure leaves no record pointing at a missing file."""
+    """Files first, records last: a failure leaves no record pointing at a missing file, and undoes
+    only what was written (a store that is away is not asked again to undo what it never took)."""
     stored: list[PendingExemplar] = []
+    recorded: list[PendingExemplar] = []
     try:
         for item in pending:
+            stored.append(item)
             storage.put(item.record["image_key"], item.image.png, "image/png")
             if item.mask is not None:
                 storage.put(item.record["mask_key"], item.mask.png, "image/png")
-            stored.append(item)
         for item in pending:
             records.put_record("exemplar", item.record)
+            recorded.append(item)
     except Exception:
+        for item in recorded:
+            records.delete_record("exemplar", item.record)
         for item in stored:
             storage.delete_prefix(f"exemplars/{item.record['id']}/")
-            records.delete_record("exemplar", item.record)
         raise
 
 

@@ -2,6 +2,9 @@
 
 import io
 import json
+import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from PIL import Image
 from tests.conftest import MAX_IMAGE_SIDE, MAX_UPLOAD_BYTES, defect_mask, png_bytes, product_image, upload
 
 IMAGE = png_bytes(product_image(64, 80))
+INF, NAN = float("inf"), float("nan")  # sent as JSON's Infinity and NaN, which Python's parser reads
 MASK = png_bytes(defect_mask(64, 80))
 
 
@@ -25,6 +29,25 @@ def _sixteen_bit() -> bytes:
     return buf.getvalue()
 
 
+def _png_16_bit(channels: int) -> bytes:
+    """A 16-bit PNG written by hand: Pillow reads 16-bit RGB but cannot write it."""
+    height, width = 64, 80
+    rows = np.random.default_rng(1).integers(0, 1 << 16, (height, width * channels)).astype(">u2")
+    raw = b"".join(b"\0" + row.tobytes() for row in rows)  # filter type 0 on every row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2 if channels == 3 else 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _tiff_16_bit() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(product_image(64, 80).astype(np.uint16) * 256).save(buf, format="TIFF")
+    return buf.getvalue()
+
+
 def _huge_file() -> bytes:  # incompressible noise, just over the upload limit
     side = int((MAX_UPLOAD_BYTES / 3) ** 0.5) + 20
     return png_bytes(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8))
@@ -36,6 +59,10 @@ UPLOAD_CASES = {
     "truncated png": (dict(image=IMAGE[: len(IMAGE) // 2]), 400, "invalid_image"),
     "empty file": (dict(image=b""), 400, "empty_file"),
     "16-bit image": (dict(image=_sixteen_bit()), 415, "unsupported_image_mode"),
+    "16-bit grey PNG": (dict(image=_png_16_bit(1)), 415, "unsupported_image_mode"),
+    "16-bit RGB PNG": (dict(image=_png_16_bit(3)), 415, "unsupported_image_mode"),
+    "16-bit grey TIFF": (dict(image=_tiff_16_bit(), name="a.tif"), 415, "unsupported_image_mode"),
+    "16-bit RGB PNG mask": (dict(image=IMAGE, mask=_png_16_bit(3), defect="dent"), 415, "unsupported_image_mode"),
     "giant image": (dict(image=png_bytes(np.zeros((8, MAX_IMAGE_SIDE + 1), np.uint8))), 413, "image_too_large"),
     "file over the byte limit": (dict(image=_huge_file()), 413, "file_too_large"),
     "mask size mismatch": (
@@ -110,6 +137,43 @@ def _job_cases(anomaly, normal):
         "unknown kind": (dict(ok, kind="train"), 422, "invalid_request"),
         "adapter for a model-free method": (dict(ok, adapter="a" * 32), 422, "invalid_request"),
         "no method": ({k: v for k, v in ok.items() if k != "method"}, 422, "invalid_request"),
+        # numbers must be finite and within what the data can take
+        "infinite jitter scale": (dict(ok, masks={"scale": [0.75, INF]}), 422, "invalid_request"),
+        "huge jitter scale": (dict(ok, masks={"scale": [1e308, 1e308]}), 422, "invalid_request"),
+        "NaN rotation": (dict(ok, masks={"rotation": NAN}), 422, "invalid_request"),
+        "infinite box aspect": (dict(ok, masks={"source": "box", "box_aspect": [0.3, INF]}), 422, "invalid_request"),
+        "box outside the normal image": (
+            dict(ok, masks={"source": "box", "boxes": [[0, 0, 81, 10]]}), 422, "box_outside_image"
+        ),
+        "box of 1e30 pixels": (
+            dict(ok, masks={"source": "box", "boxes": [[0, 0, 1e30, 1e30]]}), 422, "invalid_request"
+        ),
+        "infinite opacity": (dict(ok, params={"opacity": [0.5, INF]}), 422, "invalid_params"),
+        "cutpaste infinite aspect": (dict(ok, method="cutpaste", params={"aspect": [0.3, INF]}), 422, "invalid_params"),
+        "cutpaste scar a million px wide": (
+            dict(ok, method="cutpaste", params={"scar_width": [1, 10**12]}), 422, "invalid_params"
+        ),
+        "evaluate seed of 2^64": (
+            {"kind": "evaluate", "dataset": "d" * 32, "params": {"seed": 2**64}}, 422, "invalid_params"
+        ),
+        # strict types: a string or a boolean is not a number, a number is not a flag
+        "count as a string": (dict(ok, count="3"), 422, "invalid_request"),
+        "count as a boolean": (dict(ok, count=True), 422, "invalid_request"),
+        "seed as a float": (dict(ok, seed=7.0), 422, "invalid_request"),
+        "opacity as a string": (dict(ok, params={"opacity": [0.5, "1"]}), 422, "invalid_params"),
+        "threshold as a boolean": (dict(ok, params={"perlin_threshold": True}), 422, "invalid_params"),
+        "foreground flag as a string": (dict(ok, masks={"inside_foreground": "yes"}), 422, "invalid_request"),
+        "scar width as a float": (dict(ok, method="cutpaste", params={"scar_width": [2, 8.5]}), 422, "invalid_params"),
+        # the same id twice
+        "duplicate normals": (dict(ok, normals=[normal, normal]), 422, "duplicate_ids"),
+        "duplicate exemplars": (dict(ok, exemplars=[anomaly, anomaly]), 422, "duplicate_ids"),
+        "duplicate given masks": (
+            dict(ok, masks={"source": "given", "masks": [anomaly, anomaly]}), 422, "duplicate_ids"
+        ),
+        "duplicate generated jobs": (
+            {"kind": "evaluate", "dataset": "d" * 32, "generated": ["j" * 32, "j" * 32]}, 422, "duplicate_ids"
+        ),
+        "an id of 5,000 characters": (dict(ok, normals=["n" * 5000]), 422, "invalid_request"),
     }
 
 
@@ -120,8 +184,44 @@ CASE_NAMES = list(_job_cases("a", "n"))
 def test_bad_job_requests_are_rejected_and_create_nothing(acme, inputs, case):
     body, status, code = _job_cases(*inputs)[case]
     before = _counts(acme)
-    _assert_error(acme.post("/v1/jobs", json=body), status, code)
+    response = acme.post("/v1/jobs", content=json.dumps(body), headers={"content-type": "application/json"})
+    _assert_error(response, status, code)
+    assert len(response.json()["error"]["message"]) < 400  # nothing is echoed back whole
     assert _counts(acme) == before
+
+
+def test_the_same_bounds_hold_on_the_multipart_shortcut(acme):
+    before = _counts(acme)
+    files = [("image", ("a.png", IMAGE)), ("mask", ("m.png", MASK)), ("normal", ("n.png", IMAGE))]
+    for data, code in [
+        ({"masks": json.dumps({"scale": [0.75, INF]})}, "invalid_request"),
+        ({"masks": json.dumps({"source": "box", "boxes": [[0, 0, 81, 10]]})}, "box_outside_image"),
+        ({"params": json.dumps({"opacity": [0.5, "1"]})}, "invalid_params"),
+        ({"params": "[" * 100_000 + "]" * 100_000}, "invalid_params"),  # nested past the recursion limit
+        ({"masks": "{" + '"a":{' * 50_000 + "}" * 50_001}, "invalid_params"),
+    ]:
+        _assert_error(acme.post("/v1/jobs/generate", files=files, data={"method": "draem", **data}), 422, code)
+    assert _counts(acme) == before
+
+
+def test_deeply_nested_json_body_is_a_4xx(acme, inputs):
+    anomaly, normal = inputs
+    nested = "[" * 100_000 + "]" * 100_000
+    body = f'{{"kind": "generate", "method": "draem", "normals": ["{normal}"], "params": {{"opacity": {nested}}}}}'
+    before = _counts(acme)
+    response = acme.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert 400 <= response.status_code < 500 and response.json()["error"]["code"], response.text
+    shallow = "[" * 500 + "]" * 500  # parses, but is no parameter value
+    body = f'{{"kind": "generate", "method": "draem", "normals": ["{normal}"], "params": {{"opacity": {shallow}}}}}'
+    _assert_error(acme.post("/v1/jobs", content=body, headers={"content-type": "application/json"}), 422,
+                  "invalid_params")
+    assert _counts(acme) == before
+
+
+def test_error_messages_cut_what_they_echo(acme):
+    response = acme.get("/v1/jobs/" + "x" * 5000)
+    _assert_error(response, 404, "job_not_found")
+    assert len(response.json()["error"]["message"]) < 100
 
 
 def test_malformed_json_body(acme):
@@ -176,3 +276,34 @@ def test_missing_or_wrong_key(api_url, headers, code):
         401,
         code,
     )
+
+
+def _with_orientation(array: np.ndarray, fmt: str, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied_to_images_and_masks(acme, service_env):
+    """A phone JPEG stored sideways with Orientation 6 ("rotate 90 degrees clockwise to view"): the
+    service keeps it upright, and a mask drawn on the upright view matches it, with or without
+    its own EXIF."""
+    storage = Path(service_env["STORAGE_URL"].removeprefix("file://"))
+    upright = product_image(80, 64)  # 64 wide, 80 tall as seen
+    upright[:10, :10] = 255  # a mark in the top-left corner of the upright view
+    sideways = np.rot90(upright, 1)  # stored as the camera took it: 80 wide, 64 tall
+    mask = defect_mask(80, 64)
+    for image, mask_bytes in [
+        (_with_orientation(sideways, "JPEG", 6), png_bytes(mask)),
+        (png_bytes(upright), _with_orientation(np.rot90(mask, 1).copy(), "PNG", 6)),
+    ]:
+        response = upload(acme, image, mask_bytes, defect="dent", name="phone.jpg")
+        assert response.status_code == 201, response.text
+        record = response.json()
+        assert (record["width"], record["height"]) == (64, 80)
+        stored = np.asarray(Image.open(storage / "exemplars" / record["id"] / "image.png"))
+        assert stored[:10, :10].mean() > 200 and stored[-10:, -10:].mean() < 200
+        stored_mask = np.asarray(Image.open(storage / "exemplars" / record["id"] / "mask.png"))
+        assert np.array_equal(stored_mask > 0, mask > 0)

@@ -3,8 +3,8 @@ generate job, and the downstream U-Net trained and scored on the dataset's real 
 
 import numpy as np
 
+from tests.archive_mutations import zip_bytes
 from tests.conftest import png_bytes, upload, wait_for_job
-from tests.test_api_datasets import mvtec_zip
 
 SIZE = 48
 
@@ -32,7 +32,7 @@ def _dataset() -> bytes:
         square = (5 + 5 * i, 30 - 4 * i)
         members[f"test/spot/{i:02d}.png"] = png_bytes(_image(200 + i, square))
         members[f"ground_truth/spot/{i:02d}_mask.png"] = png_bytes(_mask(square))
-    return mvtec_zip(members)
+    return zip_bytes(members)
 
 
 def run_evaluate_job(client) -> tuple[dict, str]:

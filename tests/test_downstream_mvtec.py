@@ -1,6 +1,7 @@
 """MVTec layout: safe extraction (zip-slip, zip bombs, links), layout validation, split, export."""
 
 import io
+import shutil
 import stat
 import tarfile
 import zipfile
@@ -19,6 +20,7 @@ from models.downstream.mvtec import (
     validate_layout,
     write_mvtec_zip,
 )
+from tests.archive_mutations import mutations, set_zip_field, tar_bytes, zip_bytes
 
 
 def png(size=(16, 12), value=128) -> bytes:
@@ -137,6 +139,62 @@ def test_not_an_archive_and_corrupt_archive(tmp_path):
     data[60:90] = bytes(30)  # inside the compressed member data
     (tmp_path / "corrupt.zip").write_bytes(bytes(data))
     assert error_code(tmp_path / "corrupt.zip", tmp_path / "b") == "corrupt_archive"
+
+
+@pytest.mark.parametrize("order", ["file first", "folder first"])
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_a_name_that_is_both_file_and_folder_is_a_path_conflict(tmp_path, kind, order):
+    files = layout()
+    clash = {"train/good": b"a file where a folder is"}
+    files = clash | files if order == "file first" else files | clash
+    data = zip_bytes(files) if kind == "zip" else tar_bytes(files)
+    (tmp_path / "d").write_bytes(data)
+    assert error_code(tmp_path / "d", tmp_path / "out") == "path_conflict"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["train/good/" + "a" * 300 + ".png", "/".join(["d" * 200] * 25) + "/x.png"])
+def test_names_too_long_for_the_file_system(tmp_path, name):
+    (tmp_path / "d.zip").write_bytes(zip_bytes(layout() | {name: png()}))
+    error = layout_error_of(tmp_path / "d.zip", tmp_path / "out")
+    assert error.code == "name_too_long"
+    assert len(error.message) < 300  # the name is cut short in the message
+
+
+def test_unknown_compression_and_encrypted_members(tmp_path):
+    valid = zip_bytes(layout(), compression=zipfile.ZIP_STORED)
+    (tmp_path / "ppmd.zip").write_bytes(set_zip_field(valid, "method", 98, member=0))  # PPMd: not in zipfile
+    assert error_code(tmp_path / "ppmd.zip", tmp_path / "a") == "unsupported_compression"
+    (tmp_path / "locked.zip").write_bytes(set_zip_field(valid, "flags", 0x1, member=2))  # "encrypted"
+    assert error_code(tmp_path / "locked.zip", tmp_path / "b") == "encrypted_archive"
+
+
+def test_a_seeded_mutation_fuzz_only_ever_raises_dataset_errors(tmp_path):
+    """Byte flips, truncations and header edits of valid zips and tars: each is either still a valid
+    dataset or a DatasetError, never another exception, and a rejected one leaves nothing behind."""
+    valid = [zip_bytes(layout()), zip_bytes(layout(), zipfile.ZIP_STORED), tar_bytes(layout()),
+             tar_bytes(layout(), "w:gz")]
+    outcomes = {}
+    for number, (what, data) in enumerate(mutations(valid, 300, seed=12)):
+        archive, dest = tmp_path / f"{number}.bin", tmp_path / f"out{number}"
+        archive.write_bytes(data)
+        try:
+            import_dataset(archive, dest)
+            outcomes["valid"] = outcomes.get("valid", 0) + 1
+        except DatasetError as error:
+            assert error.code and error.message, what
+            assert not dest.exists(), what
+            outcomes[error.code] = outcomes.get(error.code, 0) + 1
+        archive.unlink()
+        shutil.rmtree(dest, ignore_errors=True)
+    # the mutations reach past the first check: several kinds of rejection, and some survivors
+    assert len(outcomes) >= 4 and outcomes.get("corrupt_archive"), outcomes
+
+
+def layout_error_of(archive: Path, dest: Path) -> DatasetError:
+    with pytest.raises(DatasetError) as raised:
+        import_dataset(archive, dest)
+    return raised.value
 
 
 def layout_error(tmp_path, files) -> DatasetError:

@@ -11,15 +11,14 @@ problem is a ``DatasetError`` whose code says what kind of problem it is and who
 which file and what is wrong with it.
 """
 
-import gzip
-import lzma
+import errno
 import re
 import shutil
 import stat
 import tarfile
 import zipfile
-import zlib
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -31,6 +30,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 # archive of a few compressible files is not mistaken for a bomb.
 RATIO_FLOOR_BYTES = 1 << 20
 COPY_CHUNK_BYTES = 1 << 20
+# Longest file or folder name, in UTF-8 bytes, that Linux file systems take (NAME_MAX).
+MAX_NAME_BYTES = 255
+SHOWN_NAME_CHARS = 120  # member names are cut to this in messages
 
 
 class DatasetError(Exception):
@@ -110,27 +112,67 @@ class _ExtractionBudget:
     def copy(self, source: BinaryIO, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "wb") as out:
-            while chunk := source.read(COPY_CHUNK_BYTES):
+            while True:
+                try:
+                    chunk = source.read(COPY_CHUNK_BYTES)
+                except Exception as error:  # the archive's own data: corrupt, encrypted, or unsupported
+                    if _our_disk(error):
+                        raise
+                    raise _unreadable_archive(error) from error
+                if not chunk:
+                    break
                 self.bytes_written += len(chunk)
                 self.check_bytes(self.bytes_written)
                 out.write(chunk)
+
+
+def _shown(name: str) -> str:
+    """A member name as messages quote it: cut short, and printable whatever its bytes."""
+    return repr(name if len(name) <= SHOWN_NAME_CHARS else name[:SHOWN_NAME_CHARS] + "...")
 
 
 def _member_target(dest: Path, name: str) -> Path | None:
     """Where a member goes inside ``dest``; None for entries to skip (the root, macOS clutter)."""
     name = name.replace("\\", "/")
     if "\x00" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise DatasetError("unsafe_path", f"archive member {name!r} has an absolute path")
+        raise DatasetError("unsafe_path", f"archive member {_shown(name)} has an absolute path")
     parts = [part for part in name.split("/") if part not in ("", ".")]
     if ".." in parts:
-        raise DatasetError("unsafe_path", f"archive member {name!r} points outside the archive ('..')")
+        raise DatasetError("unsafe_path", f"archive member {_shown(name)} points outside the archive ('..')")
     if not parts or "__MACOSX" in parts or parts[-1] == ".DS_Store" or parts[-1].startswith("._"):
         return None
+    if any(len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES for part in parts):
+        raise DatasetError(
+            "name_too_long", f"archive member {_shown(name)} has a name over {MAX_NAME_BYTES} bytes"
+        )
     return dest.joinpath(*parts)
 
 
 def _unsafe_type(name: str, kind: str) -> DatasetError:
-    return DatasetError("unsafe_member", f"archive member {name!r} is a {kind}; only files and folders are allowed")
+    return DatasetError(
+        "unsafe_member", f"archive member {_shown(name)} is a {kind}; only files and folders are allowed"
+    )
+
+
+def _path_conflict(name: str) -> DatasetError:
+    return DatasetError(
+        "path_conflict",
+        f"archive member {_shown(name)} clashes with another member: one name is both a file and a folder",
+    )
+
+
+@contextmanager
+def _member_errors(name: str):
+    """Writing one member out: a clash with another member's path, or a path too long for the file
+    system, is the archive's fault."""
+    try:
+        yield
+    except (FileExistsError, NotADirectoryError, IsADirectoryError):
+        raise _path_conflict(name) from None
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            raise DatasetError("name_too_long", f"archive member {_shown(name)}: the path is too long") from None
+        raise
 
 
 def _extract_zip(archive: Path, dest: Path, budget: _ExtractionBudget) -> None:
@@ -145,11 +187,12 @@ def _extract_zip(archive: Path, dest: Path, budget: _ExtractionBudget) -> None:
             target = _member_target(dest, member.filename)
             if target is None:
                 continue
-            if member.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            with zf.open(member) as source:
-                budget.copy(source, target)
+            with _member_errors(member.filename):
+                if member.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                with zf.open(member) as source:
+                    budget.copy(source, target)
 
 
 def _extract_tar(archive: Path, dest: Path, budget: _ExtractionBudget) -> None:
@@ -162,11 +205,12 @@ def _extract_tar(archive: Path, dest: Path, budget: _ExtractionBudget) -> None:
             target = _member_target(dest, member.name)
             if target is None:
                 continue
-            if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
             budget.check_bytes(budget.bytes_written + member.size)  # declared size, before writing
-            budget.copy(tar.extractfile(member), target)
+            with _member_errors(member.name):
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                budget.copy(tar.extractfile(member), target)
 
 
 def _dataset_root(dest: Path) -> Path:
@@ -200,9 +244,32 @@ def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits = ArchiveLi
             _extract_tar(archive, dest, budget)
         else:
             raise DatasetError("unsupported_archive", "the upload is neither a zip nor a tar archive")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as error:
-        raise DatasetError("corrupt_archive", f"the archive cannot be read: {error}") from error
+    except DatasetError:
+        raise
+    except Exception as error:  # zipfile, tarfile and the decompressors raise many kinds on bad data
+        if _our_disk(error):
+            raise
+        raise _unreadable_archive(error) from error
     return _dataset_root(dest)
+
+
+def _our_disk(error: Exception) -> bool:
+    """Errors of the scratch file system itself (full, read-only): not the upload's fault, a 5xx."""
+    return isinstance(error, PermissionError) or (
+        isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+    )
+
+
+def _unreadable_archive(error: Exception) -> DatasetError:
+    """The DatasetError for an exception raised while reading archive data."""
+    text = str(error)
+    if isinstance(error, NotImplementedError) or "compression method" in text:
+        return DatasetError(
+            "unsupported_compression", f"the archive uses a compression method we cannot read: {text[:200]}"
+        )
+    if isinstance(error, RuntimeError) and ("encrypted" in text or "password" in text):
+        return DatasetError("encrypted_archive", "the archive has encrypted members; upload it without a password")
+    return DatasetError("corrupt_archive", f"the archive cannot be read: {type(error).__name__}: {text[:200]}")
 
 
 # --- layout ------------------------------------------------------------------------------------
@@ -227,8 +294,11 @@ def _image_size(path: Path, root: Path) -> tuple[int, int]:
         with Image.open(path) as image:
             image.load()
             return image.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise DatasetError("unreadable_image", f"{path.relative_to(root)} is not a readable image: {error}") from error
+    except Exception as error:  # Pillow's decoders raise many kinds on bad data
+        if _our_disk(error):
+            raise
+        shown = _shown(str(path.relative_to(root)))
+        raise DatasetError("unreadable_image", f"{shown} is not a readable image: {str(error)[:200]}") from error
 
 
 def _defect_folders(root: Path) -> list[Path]:

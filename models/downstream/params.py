@@ -14,7 +14,7 @@ class EvaluateParams(StrictModel):
     )
     batch_size: int = Field(default=8, ge=2, le=128, description="images per step, half of them anomalous")
     learning_rate: float = Field(default=1e-3, gt=0, le=1.0, description="Adam learning rate")
-    seed: int = Field(default=0, ge=0, description="seed of initialisation, sampling and augmentation")
+    seed: int = Field(default=0, ge=0, lt=2**32, description="seed of initialisation, sampling and augmentation")
     tau: float = Field(
         default=0.9, ge=0.5, le=1.0,
         description="weak labels (box masks): pixels inside the box that the model already calls "

@@ -5,20 +5,33 @@ against these before it queues anything, so they must stay importable in the sli
 Unknown names are rejected (``extra="forbid"``): a typo is a 422, not a silently ignored knob.
 """
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 FloatRange = tuple[float, float]
+# Mask specs arrive inside the job body, which is validated as Python objects: these keep "3" or
+# true from passing for a number there (method params are validated strictly as JSON at submit).
+StrictRange = tuple[StrictFloat, StrictFloat]
+Pixel = Annotated[StrictInt, Field(ge=0, le=1 << 16)]
+# Aspect ratios (width / height) beyond these are slivers one pixel wide at any image size.
+ASPECT_LIMITS = (0.01, 100.0)
+MAX_JITTER_SCALE = 4.0  # times the exemplar's own size: bounds the patch a jittered mask is drawn on
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown names are a 422; so are infinities and NaN, which no knob means.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def check_ordered(rng: FloatRange, name: str) -> None:
     if rng[0] > rng[1]:
         raise ValueError(f"{name}: the lower bound {rng[0]} is above the upper bound {rng[1]}")
+
+
+def check_within(rng: FloatRange, name: str, low: float, high: float) -> None:
+    if not (low <= rng[0] and rng[1] <= high):
+        raise ValueError(f"{name} must lie in [{low:g}, {high:g}]")
 
 
 class MaskSpec(StrictModel):
@@ -32,27 +45,34 @@ class MaskSpec(StrictModel):
         "listed in `masks`, used as they are; learned: masks sampled from the mask model a fine-tune "
         "job learnt (methods that have one). Default: the method's `default_mask_source`.",
     )
-    scale: FloatRange = Field(default=(0.75, 1.25), description="exemplar jitter: scale range")
-    rotation: float = Field(default=180.0, ge=0, le=180, description="exemplar jitter: max |angle| in degrees")
-    box_area: FloatRange = Field(default=(0.01, 0.06), description="box: area as a fraction of the image")
-    box_aspect: FloatRange = Field(default=(0.3, 3.3), description="box: width/height ratio range")
-    boxes: list[tuple[int, int, int, int]] | None = Field(
-        default=None, description="box: fixed boxes (x0, y0, x1, y1) in pixels, used in turn"
+    scale: StrictRange = Field(default=(0.75, 1.25), description="exemplar jitter: scale range, within (0, 4]")
+    rotation: StrictFloat = Field(default=180.0, ge=0, le=180, description="exemplar jitter: max |angle| in degrees")
+    box_area: StrictRange = Field(default=(0.01, 0.06), description="box: area as a fraction of the image")
+    box_aspect: StrictRange = Field(
+        default=(0.3, 3.3), description="box: width/height ratio range, within [0.01, 100]"
     )
-    masks: list[str] = Field(default_factory=list, description="given: exemplar ids whose masks are used")
-    inside_foreground: bool = Field(default=True, description="keep targets on the product, not its background")
+    boxes: list[tuple[Pixel, Pixel, Pixel, Pixel]] | None = Field(
+        default=None,
+        max_length=10_000,
+        description="box: fixed boxes (x0, y0, x1, y1) in pixels, used in turn; inside every normal image",
+    )
+    masks: list[Annotated[StrictStr, Field(max_length=64)]] = Field(
+        default_factory=list, max_length=1000, description="given: exemplar ids whose masks are used"
+    )
+    inside_foreground: StrictBool = Field(
+        default=True, description="keep targets on the product, not its background"
+    )
 
     @model_validator(mode="after")
     def _check(self):
         check_ordered(self.scale, "scale")
         check_ordered(self.box_area, "box_area")
         check_ordered(self.box_aspect, "box_aspect")
-        if not 0 < self.scale[0]:
-            raise ValueError("scale must be positive")
+        if not (0 < self.scale[0] and self.scale[1] <= MAX_JITTER_SCALE):
+            raise ValueError(f"scale must lie in (0, {MAX_JITTER_SCALE:g}]")
         if not (0 < self.box_area[0] and self.box_area[1] <= 1):
             raise ValueError("box_area must lie in (0, 1]")
-        if not 0 < self.box_aspect[0]:
-            raise ValueError("box_aspect must be positive")
+        check_within(self.box_aspect, "box_aspect", *ASPECT_LIMITS)
         for box in self.boxes or []:
             x0, y0, x1, y1 = box
             if x0 < 0 or y0 < 0 or x1 <= x0 or y1 <= y0:

@@ -1,16 +1,16 @@
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 
 from models.methods.registry import METHODS
-from service.auth import current_tenant
-from service.schemas import MethodList
+from service.deps import SettingsDep, Tenant
+from service.schemas import ErrorResponse, MethodList
 
 router = APIRouter(prefix="/v1/methods", tags=["methods"])
 
 
-@router.get("", response_model=MethodList)
-def list_methods(request: Request, _: str = Depends(current_tenant)):
+@router.get("", response_model=MethodList, responses={401: {"model": ErrorResponse}})
+def list_methods(_: Tenant, settings: SettingsDep):
     """Every method, whether it can run with this deployment's weights, and its parameter schema."""
-    weight_dirs = request.app.state.settings.weight_dirs
+    weight_dirs = settings.weight_dirs
     items = []
     for method in METHODS.values():
         reason = method.unavailable_reason(weight_dirs)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from models.methods.params import FloatRange, StrictModel, check_ordered
+from models.methods.params import ASPECT_LIMITS, FloatRange, StrictModel, check_ordered, check_within
 from models.methods.spec import MethodSpec
 
 
@@ -18,9 +18,9 @@ class CutPasteParams(StrictModel):
         default="mixed", description="cutpaste: large rectangles; scar: thin rotated strips; mixed: either"
     )
     area: FloatRange = Field(default=(0.02, 0.15), description="native patches: area fraction range")
-    aspect: FloatRange = Field(default=(0.3, 3.3), description="native patches: width/height range")
-    scar_width: tuple[int, int] = Field(default=(2, 16), description="scar width in pixels at 256 px")
-    scar_length: tuple[int, int] = Field(default=(10, 25), description="scar length in pixels at 256 px")
+    aspect: FloatRange = Field(default=(0.3, 3.3), description="native patches: width/height range, in [0.01, 100]")
+    scar_width: tuple[int, int] = Field(default=(2, 16), description="scar width in pixels at 256 px, at most 256")
+    scar_length: tuple[int, int] = Field(default=(10, 25), description="scar length in pixels at 256 px, at most 512")
     color_jitter: float = Field(default=0.1, ge=0, le=1, description="brightness/contrast jitter of the patch")
 
     @model_validator(mode="after")
@@ -29,10 +29,12 @@ class CutPasteParams(StrictModel):
         check_ordered(self.aspect, "aspect")
         if not (0 < self.area[0] and self.area[1] <= 1):
             raise ValueError("area must lie in (0, 1]")
-        for name in ("scar_width", "scar_length"):
+        check_within(self.aspect, "aspect", *ASPECT_LIMITS)
+        # At most the whole 256 px reference side wide, and its diagonal and more long.
+        for name, most in (("scar_width", 256), ("scar_length", 512)):
             low, high = getattr(self, name)
-            if not 1 <= low <= high:
-                raise ValueError(f"{name} must satisfy 1 <= low <= high")
+            if not 1 <= low <= high <= most:
+                raise ValueError(f"{name} must satisfy 1 <= low <= high <= {most}")
         return self
 
 
