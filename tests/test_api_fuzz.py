@@ -19,7 +19,7 @@ from schemathesis.checks import (
 
 from tests.conftest import TENANT_KEYS
 
-# x 2 (with and without a key) x 21 cases: about 400 requests. bench/bench_fuzz.py asks for more.
+# x 2 (with and without a key) x 26 cases: about 500 requests. bench/bench_fuzz.py asks for more.
 EXAMPLES_PER_ROUTE = int(os.environ.get("FUZZ_EXAMPLES", "10"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
@@ -45,12 +45,14 @@ def operations():
     return ["GET /healthz", "GET /readyz", "POST /v1/exemplars", "GET /v1/exemplars", "POST /v1/datasets",
             "GET /v1/datasets", "POST /v1/jobs", "GET /v1/jobs", "POST /v1/jobs/generate", "GET /v1/jobs/{job_id}",
             "DELETE /v1/jobs/{job_id}", "GET /v1/jobs/{job_id}/artifacts", "GET /v1/jobs/{job_id}/export",
-            "GET /v1/jobs/{job_id}/artifacts/{key}", "GET /v1/methods"]
+            "GET /v1/jobs/{job_id}/artifacts/{key}", "GET /v1/methods", "GET /v1/exemplars/{exemplar_id}/image",
+            "GET /v1/exemplars/{exemplar_id}/mask"]
 
 
 # Operations whose inputs have constraints, so that requests the schema forbids exist.
 CONSTRAINED = ["POST /v1/exemplars", "GET /v1/exemplars", "POST /v1/datasets", "POST /v1/jobs", "GET /v1/jobs",
-               "POST /v1/jobs/generate"]
+               "POST /v1/jobs/generate", "GET /v1/jobs/{job_id}/artifacts/{key}",
+               "GET /v1/exemplars/{exemplar_id}/image", "GET /v1/exemplars/{exemplar_id}/mask"]
 CASES = [(op, GenerationMode.POSITIVE) for op in operations()] + [(op, GenerationMode.NEGATIVE) for op in CONSTRAINED]
 
 
