@@ -42,6 +42,10 @@ def blip2_dir_problem(path: str | None) -> str | None:
         return problem
     if config.get("model_type") != "blip-2":
         return f"BLIP2_MODEL_DIR {root} holds a {config.get('model_type')!r} model, not 'blip-2'"
+    architectures = config.get("architectures") or ["Blip2ForImageTextRetrieval"]
+    if "Blip2ForImageTextRetrieval" not in architectures:
+        return (f"BLIP2_MODEL_DIR {root} holds a {architectures[0]}: AnomalyControl needs the Q-Former with text "
+                "input of an image-text matching checkpoint (Blip2ForImageTextRetrieval, e.g. blip2-itm-vit-g)")
     if not weight_variants(root):
         return f"BLIP2_MODEL_DIR {root} has no weights (model.safetensors or pytorch_model.bin)"
     if not ((root / "vocab.txt").is_file() or (root / "tokenizer.json").is_file()):

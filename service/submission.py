@@ -178,7 +178,8 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
     elif body.adapter:
         raise ApiError(422, "invalid_request", f"{method.name} {body.kind} jobs take no `adapter`")
 
-    named = exemplars or normals
+    # A generate job makes images of its normal images' product; a fine-tune learns its exemplars'.
+    named = (normals or exemplars) if body.kind == "generate" else (exemplars or normals)
     return _job_record(
         tenant, body, total=params.train_steps if body.kind == "finetune" else body.count,
         method=method.name,

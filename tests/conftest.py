@@ -26,6 +26,7 @@ def redis_url(tmp_path_factory):
 def make_env(redis_url: str, storage_url: str, **extra) -> dict:
     env = dict(os.environ)
     env.pop("SD_MODEL_DIR", None)
+    env.pop("BLIP2_MODEL_DIR", None)
     env.update(
         REDIS_URL=redis_url,
         STORAGE_URL=storage_url,
@@ -63,10 +64,19 @@ def service_sd_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def service_env(redis_url, service_sd_dir, tmp_path_factory):
+def service_blip2_dir(tmp_path_factory):
+    """A tiny random-weight Blip2ForImageTextRetrieval with its tokenizer and image processor."""
+    from models.diffusion.tiny_blip2 import build_random_blip2
+
+    return build_random_blip2(tmp_path_factory.mktemp("service_blip2"), "tiny")
+
+
+@pytest.fixture(scope="session")
+def service_env(redis_url, service_sd_dir, service_blip2_dir, tmp_path_factory):
     storage = tmp_path_factory.mktemp("storage")
     # One torch thread: tiny models gain nothing from more, and CI has two shared cores.
-    return make_env(redis_url, f"file://{storage}", SD_MODEL_DIR=str(service_sd_dir), DEVICE="cpu", OMP_NUM_THREADS="1")
+    return make_env(redis_url, f"file://{storage}", SD_MODEL_DIR=str(service_sd_dir),
+                    BLIP2_MODEL_DIR=str(service_blip2_dir), DEVICE="cpu", OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="session")

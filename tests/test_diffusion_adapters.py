@@ -53,6 +53,8 @@ def attach_everything(unet) -> None:
         hidden_size=16, cross_attention_dim=unet.config.cross_attention_dim, num_tokens=(4,))})
 
 
+# The IP-Adapter processor is driven with a plain tensor here (its image tokens are the last ones).
+@pytest.mark.filterwarnings("ignore:You have passed a tensor as `encoder_hidden_states`")
 def test_the_unet_is_bit_identical_after_attaching_and_a_second_job_sees_no_trace(tiny_sd):
     before, shape = unet_output(tiny_sd), structure(tiny_sd.unet)
     with restored_after(tiny_sd.unet):
@@ -70,6 +72,7 @@ def test_the_unet_is_bit_identical_after_attaching_and_a_second_job_sees_no_trac
     assert structure(tiny_sd.unet) == shape
 
 
+@pytest.mark.filterwarnings("ignore:You have passed a tensor as `encoder_hidden_states`")
 def test_the_unet_is_restored_after_an_exception(tiny_sd):
     before, shape = unet_output(tiny_sd), structure(tiny_sd.unet)
     with pytest.raises(RuntimeError, match="job failed"), restored_after(tiny_sd.unet):

@@ -38,6 +38,7 @@ TINY_PARAMS = {
     "cutpaste": {},
     "anogen": {**DIFFUSION, "train_steps": 2, "batch_size": 1},
     "o2mag": {**DIFFUSION, "ago_steps": 1, "mask_dilation": 6},  # a fade wider than the band
+    "anomalycontrol": {**DIFFUSION, "train_steps": 2, "batch_size": 1, "mask_dilation": 5},
 }
 
 
@@ -46,8 +47,8 @@ def test_every_method_has_tiny_settings_here():
 
 
 @pytest.fixture(scope="module")
-def weight_dirs(tiny_sd_dir):
-    return {"SD_MODEL_DIR": str(tiny_sd_dir)}
+def weight_dirs(tiny_sd_dir, tiny_blip2_dir):
+    return {"SD_MODEL_DIR": str(tiny_sd_dir), "BLIP2_MODEL_DIR": str(tiny_blip2_dir)}
 
 
 @pytest.mark.parametrize("name", sorted(TINY_PARAMS))

@@ -45,6 +45,9 @@ def test_blip2_needs_weights_tokenizer_and_image_processor(tmp_path):
     assert "has no image processor" in blip2_dir_problem(str(tmp_path))
     (tmp_path / "preprocessor_config.json").write_text("{}")
     assert blip2_dir_problem(str(tmp_path)) is None
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "blip-2",
+                                                      "architectures": ["Blip2ForConditionalGeneration"]}))
+    assert "holds a Blip2ForConditionalGeneration" in blip2_dir_problem(str(tmp_path))
 
 
 def test_a_spec_names_every_missing_weight(convnext_dir):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.diffusion.loading import StableDiffusion
+from models.methods.interface import LABEL_BAND
 
 SUPPORTED_MODES = ("L", "RGB")
 
@@ -71,3 +72,42 @@ def decode(sd: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
     """Pixels (B, 3, H, W) float32 in [-1, 1] of scaled latents."""
     scaled = latents / sd.vae.config.scaling_factor
     return sd.vae.decode(scaled.to(sd.device, sd.dtype)).sample.float().clamp(-1, 1)
+
+
+def fade_into_normal(normal: Image.Image, pixels: torch.Tensor, mask: np.ndarray, band: int) -> Image.Image:
+    """The generated `pixels` (3, h, w) on `mask`, fading into the `normal` image's across a `band`
+    pixels wide ring on the mask's border (a hard cut would leave a seam, a cue a defect segmenter
+    could learn), the normal's beyond: an image of the normal's size and mode. The ring reaches at
+    most LABEL_BAND pixels outside the mask (the label contract's blend band) and lies inside it
+    for the rest."""
+    array = np.asarray(normal)
+    generated = pixels_to_array(pixels, normal.size, normal.mode)
+    weight = _border_fade(np.asarray(mask) > 0, band)
+    if array.ndim == 3:
+        weight = weight[..., None]
+    return Image.fromarray(np.round(weight * generated + (1 - weight) * array).astype(np.uint8))  # 0: normal exactly
+
+
+def _border_fade(mask: np.ndarray, band: int) -> np.ndarray:
+    """float32 (H, W): 1 on the mask's core, falling linearly (chessboard distance) to 0 at most
+    LABEL_BAND pixels outside the mask. The core is the mask eroded by the band's inner part
+    (band - LABEL_BAND pixels), less where the mask is too thin to keep a core."""
+    core = torch.from_numpy(mask).float()[None, None]
+    inner = 0
+    while inner < band - LABEL_BAND:
+        eroded = 1 - F.max_pool2d(1 - core, 3, stride=1, padding=1)
+        if not eroded.any():
+            break
+        core, inner = eroded, inner + 1
+    return _feathered(core, inner + min(band, LABEL_BAND))
+
+
+def _feathered(core: torch.Tensor, radius: int) -> np.ndarray:
+    """float32 (H, W): 1 on `core` (1, 1, H, W), falling linearly over `radius` pixels outside it,
+    0 beyond: the share of the core and its first `radius` dilations covering a pixel."""
+    grown = core
+    covered = grown.clone()
+    for _ in range(radius):
+        grown = F.max_pool2d(grown, 3, stride=1, padding=1)
+        covered += grown
+    return (covered / (radius + 1))[0, 0].numpy()

@@ -59,7 +59,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from PIL import Image
@@ -72,14 +71,14 @@ from models.diffusion.images import (
     check_mode,
     decode,
     encode,
+    fade_into_normal,
     image_to_pixels,
     mask_to_latent,
-    pixels_to_array,
 )
 from models.diffusion.loading import StableDiffusion, fresh_scheduler
 from models.diffusion.sampling import StepCallback, ddim_invert, ddim_sample, encode_prompts
 from models.diffusion.textual_inversion import masked_mse
-from models.methods.interface import LABEL_BAND, ProgressCallback
+from models.methods.interface import ProgressCallback
 from models.methods.o2mag import O2MAGParams
 
 METHOD = "o2mag"
@@ -434,43 +433,11 @@ def _masked_diffusion_loss(sd, scheduler, latents, mask, embedding, t, noise) ->
 
 
 def _composite(item: O2MAGItem, pixels: torch.Tensor, band: int) -> O2MAGResult:
-    """The generated pixels on M_T, fading into the normal image's across a `band` pixels wide
-    ring on M_T's border (a hard cut would leave a seam, a cue a defect segmenter could learn),
-    the normal's beyond. The ring reaches at most LABEL_BAND pixels outside M_T (the label
-    contract's blend band) and lies inside M_T for the rest."""
-    normal = np.asarray(item.normal)
-    generated = pixels_to_array(pixels, item.normal.size, item.normal.mode)
-    target = np.asarray(item.target_mask) > 0
-    weight = _border_fade(target, band)
-    if normal.ndim == 3:
-        weight = weight[..., None]
-    image = np.round(weight * generated + (1 - weight) * normal).astype(np.uint8)  # weight 0: normal exactly
-    return O2MAGResult(image=Image.fromarray(image), mask=target.astype(np.uint8) * 255, seed=item.seed)
-
-
-def _border_fade(mask: np.ndarray, band: int) -> np.ndarray:
-    """float32 (H, W): 1 on the mask's core, falling linearly (chessboard distance) to 0 at most
-    LABEL_BAND pixels outside the mask. The core is the mask eroded by the band's inner part
-    (band - LABEL_BAND pixels), less where the mask is too thin to keep a core."""
-    core = torch.from_numpy(mask).float()[None, None]
-    inner = 0
-    while inner < band - LABEL_BAND:
-        eroded = 1 - F.max_pool2d(1 - core, 3, stride=1, padding=1)
-        if not eroded.any():
-            break
-        core, inner = eroded, inner + 1
-    return _feathered(core, inner + min(band, LABEL_BAND))
-
-
-def _feathered(core: torch.Tensor, radius: int) -> np.ndarray:
-    """float32 (H, W): 1 on `core` (1, 1, H, W), falling linearly over `radius` pixels outside it,
-    0 beyond: the share of the core and its first `radius` dilations covering a pixel."""
-    grown = core
-    covered = grown.clone()
-    for _ in range(radius):
-        grown = F.max_pool2d(grown, 3, stride=1, padding=1)
-        covered += grown
-    return (covered / (radius + 1))[0, 0].numpy()
+    """The generated pixels on M_T, fading into the normal image across a `band` pixels wide ring
+    on M_T's border (at most LABEL_BAND of them outside M_T), the normal's beyond."""
+    image = fade_into_normal(item.normal, pixels, item.target_mask, band)
+    mask = (np.asarray(item.target_mask) > 0).astype(np.uint8) * 255
+    return O2MAGResult(image=image, mask=mask, seed=item.seed)
 
 
 def _group_by_normal(items: list[O2MAGItem]) -> list[list[int]]:

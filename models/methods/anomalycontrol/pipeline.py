@@ -1,0 +1,313 @@
+"""AnomalyControl: controllable anomaly synthesis from cross-modal semantic features (He, Liu, Zhao,
+"Learning Cross-modal Semantic Features for Controllable Anomaly Synthesis").
+
+The prompt is a pair that need not match: a text-image reference (a defect image of any product,
+with its defect word) and a targeted text prompt T_t = "a photo of a {product} with {defect}" for
+the product being painted. The reference goes through a frozen BLIP-2 Q-Former with text input
+(CSM, `csm.py`), focused on the defect by ASEA's guidance steps, giving C'; C' reaches SD 1.5
+through decoupled cross-attention in all its cross-attention layers (SGA, `sga.py`), beside T_t.
+
+Fine-tune: on the tenant's exemplars (image, mask, defect; any products), each its own reference
+(I_a the exemplar, T_a its defect word) and T_t its product and defect; the LDM loss, only SGA's
+W'_k, W'_v trained (AdamW, lr 1e-4, weight decay 0.01), with classifier-free-guidance dropout:
+the text alone (to ""), C' alone (to zeros) and both, 5% each (IP-Adapter's scheme). The adapter
+(`sga.safetensors` + `adapter_config.json`) records gamma, the templates, and fingerprints of the
+SD and BLIP-2 checkpoints it was trained against: another checkpoint is refused at generate.
+
+Generate: per reference, CSM + ASEA once -> C'. Per item, the defect is placed in its target mask
+on a normal image by blended latent diffusion (Avrahami et al., which the paper cites): 30-step
+DDIM from noise at guidance 7.5 (the paper's inference settings), unconditional ("", zeros),
+and before every step the latents outside the mask (at latent size) are replaced by the normal
+image's, noised to that step. Decoded, the generated region fades into the normal image's own
+pixels across a ring of `mask_dilation` pixels on the mask's border, at most 3 of them outside it
+(the label contract's band): beyond it every pixel is exact. The mask written is the target mask.
+
+Choices where the paper is silent, or where a service needs more:
+- Fine-tune computes each exemplar's C' once (the VLM is frozen and e_g is per reference), without
+  flips or crops: C' describes the image as the UNet sees it. The loss is unmasked: SGA must learn
+  to reproduce the whole exemplar, defect in its context, from T_t and C'.
+- `train_steps` defaults to 2000: the paper's 30K iterations covered all of MVTec AD; a tenant's
+  handful of exemplars needs far fewer. Not tuned on real weights (none in this workplace).
+- gamma: at generate the adapter's (1) unless the job names one, as IP-Adapter's scale.
+- Each output's noise comes from its seed alone (the starting noise, then one draw per step to
+  noise the normal latents), so an output does not depend on its batch neighbours.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from models.diffusion.adapters import check_base_model, model_fingerprint, read_adapter_config, write_adapter_config
+from models.diffusion.images import (
+    check_mask,
+    check_mode,
+    decode,
+    encode,
+    fade_into_normal,
+    image_to_pixels,
+    mask_to_latent,
+)
+from models.diffusion.loading import StableDiffusion, fresh_scheduler
+from models.diffusion.sampling import ddim_sample, encode_prompts, noised
+from models.diffusion.training import train
+from models.errors import InputError
+from models.methods.anomalycontrol import AnomalyControlParams
+from models.methods.anomalycontrol.csm import TEXT_TEMPLATE, Blip2, SemanticFeatures, semantic_features
+from models.methods.anomalycontrol.sga import SemanticGuidedAdapter
+from models.methods.interface import Checkpoints, ProgressCallback
+
+METHOD = "anomalycontrol"
+TARGET_TEMPLATE = "a photo of a {product} with {defect}"  # T_t, the targeted prompt
+DEFAULT_GAMMA = 1.0
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A text-image reference: a defect image of any product, its mask and its words."""
+
+    image: Image.Image  # "L" or "RGB"
+    mask: np.ndarray  # bool (H, W): M_A
+    product: str
+    defect: str
+
+
+class GenerateItem(NamedTuple):
+    normal: Image.Image  # "L" or "RGB", any size
+    target_mask: np.ndarray  # bool (H, W) of the normal image: where the defect goes
+    seed: int
+
+
+@dataclass
+class AnomalyControlResult:
+    image: Image.Image  # same size and mode as the normal image
+    mask: np.ndarray  # uint8 0/255 (H, W): the target mask
+    seed: int
+
+
+def target_prompt(product: str, defect: str, template: str = TARGET_TEMPLATE) -> str:
+    """T_t for painting `defect` on `product`."""
+    return template.format(product=product, defect=defect)
+
+
+def reference_features(blip2: Blip2, reference: Reference, params: AnomalyControlParams,
+                       text_template: str = TEXT_TEMPLATE) -> SemanticFeatures:
+    """CSM + ASEA of one reference: C' with the defect in focus."""
+    return semantic_features(blip2, reference.image, reference.mask, reference.defect, steps=params.asea_steps,
+                             step_size=params.asea_step_size, text_template=text_template)
+
+
+def cfg_dropout(generator: torch.Generator, count: int, rates: tuple[float, float, float]):
+    """Which of `count` training images drop their text and which their C': bool (count,) each.
+
+    rates: the shares that drop the text alone, C' alone, and both (one uniform draw per image)."""
+    text, features, both = rates
+    draw = torch.rand(count, generator=generator)
+    text_alone = draw < text
+    features_alone = (text <= draw) & (draw < text + features)
+    both_dropped = (text + features <= draw) & (draw < text + features + both)
+    return text_alone | both_dropped, features_alone | both_dropped
+
+
+def finetune(
+    sd: StableDiffusion,
+    blip2: Blip2,
+    exemplars: Sequence[Reference],
+    params: AnomalyControlParams,
+    *,
+    seed: int,
+    out_dir: str | Path,
+    checkpoints: Checkpoints | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> SemanticGuidedAdapter:
+    """Train SGA on the exemplars and write the adapter to `out_dir`; returns the trained adapter.
+
+    checkpoints: where this run's checkpoints go; if the folder holds one, training resumes from
+    it. on_progress("train", step, train_steps) follows every step and may raise to stop.
+    """
+    # 1. Exemplars to latents: the LDM loss's targets.
+    _check_references(exemplars)
+    latents = encode(sd, torch.stack([image_to_pixels(e.image, params.resolution) for e in exemplars]))
+
+    # 2. Text conditioning: each exemplar's T_t, and the empty prompt that text dropout uses.
+    with torch.no_grad():
+        prompts = encode_prompts(sd, [target_prompt(e.product, e.defect) for e in exemplars]).float()
+        empty = encode_prompts(sd, [""]).float()
+
+    # 3. CSM + ASEA on each exemplar, once: C' (the VLM is frozen).
+    features = torch.stack([reference_features(blip2, e, params).features for e in exemplars]).to(sd.device)
+
+    # 4. SGA on the UNet (W'_k, W'_v from each layer's own), trained with the LDM loss and CFG dropout.
+    gamma = DEFAULT_GAMMA if params.gamma is None else params.gamma
+    adapter = SemanticGuidedAdapter.from_unet(sd.unet, blip2.width, blip2.num_queries, gamma)
+    scheduler = fresh_scheduler(sd)  # its noise schedule noises the training latents
+
+    def loss_at(_step: int, generator: torch.Generator) -> torch.Tensor:
+        picks = torch.randint(len(exemplars), (params.batch_size,), generator=generator)
+        t = torch.randint(scheduler.config.num_train_timesteps, (params.batch_size,), generator=generator)
+        noise = torch.randn((params.batch_size, *latents.shape[1:]), generator=generator).to(sd.device)
+        drop_text, drop_features = (d.to(sd.device) for d in cfg_dropout(generator, params.batch_size,
+                                                                           params.cfg_dropout))
+        text = torch.where(drop_text[:, None, None], empty, prompts[picks])
+        reference = torch.where(drop_features[:, None, None], 0.0, features[picks])
+        noisy = scheduler.add_noise(latents[picks], noise, t.to(sd.device))
+        eps = sd.unet(noisy.to(sd.dtype), t.to(sd.device),
+                      encoder_hidden_states=adapter.condition(text, reference, sd.dtype)).sample
+        return F.mse_loss(eps.float(), noise)
+
+    run = {"method": METHOD, "params": params.model_dump(mode="json"), "latents_shape": list(latents.shape),
+           "exemplars": [[e.product, e.defect] for e in exemplars]}
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay)
+    with adapter.attached(sd.unet):
+        train(
+            {"sga": adapter}, optimizer, loss_at, steps=params.train_steps, seed=seed, run=run, device=sd.device,
+            mixed_precision=sd.dtype == torch.float16, checkpoints=checkpoints,
+            on_step=(lambda done, total: on_progress("train", done, total)) if on_progress else None,
+        )
+
+    # 5. The adapter: sga.safetensors + adapter_config.json.
+    out_dir = Path(out_dir)
+    adapter.save(out_dir)
+    write_adapter_config(
+        out_dir, METHOD, gamma=gamma, templates={"text": TEXT_TEMPLATE, "target": TARGET_TEMPLATE},
+        sd_fingerprint=model_fingerprint(sd.model_dir), blip2_fingerprint=model_fingerprint(blip2.model_dir),
+        feature_width=blip2.width, num_tokens=blip2.num_queries, layers=adapter.layers, seed=seed,
+        exemplars=[{"product": e.product, "defect": e.defect} for e in exemplars],
+        params=params.model_dump(mode="json"),
+    )
+    return adapter
+
+
+@dataclass
+class LoadedAdapter:
+    adapter: SemanticGuidedAdapter
+    config: dict
+
+    @property
+    def text_template(self) -> str:
+        return self.config["templates"]["text"]
+
+    @property
+    def target_template(self) -> str:
+        return self.config["templates"]["target"]
+
+
+def load_adapter(folder: str | Path, sd: StableDiffusion, blip2: Blip2, gamma: float | None = None) -> LoadedAdapter:
+    """The adapter of an AnomalyControl fine-tune for these models (gamma: the config's unless given);
+    InputError for another method's adapter or one trained against other SD or BLIP-2 checkpoints."""
+    config = read_adapter_config(Path(folder), METHOD)
+    check_base_model(config, "sd_fingerprint", sd.model_dir, "SD_MODEL_DIR")
+    check_base_model(config, "blip2_fingerprint", blip2.model_dir, "BLIP2_MODEL_DIR")
+    try:
+        adapter = SemanticGuidedAdapter.load(Path(folder), sd.unet, config["feature_width"], config["num_tokens"],
+                                             config["gamma"] if gamma is None else gamma)
+    except (KeyError, ValueError) as error:
+        raise InputError(f"the adapter does not fit these models: {error}") from None
+    return LoadedAdapter(adapter, config)
+
+
+def generate(
+    sd: StableDiffusion,
+    blip2: Blip2,
+    adapter: str | Path | LoadedAdapter,
+    reference: Reference,
+    items: Sequence[GenerateItem | tuple[Image.Image, np.ndarray, int]],
+    params: AnomalyControlParams,
+    *,
+    prompt: str | None = None,
+    features: SemanticFeatures | None = None,
+    images_per_batch: int = 8,
+    on_progress: ProgressCallback | None = None,
+) -> list[AnomalyControlResult]:
+    """One image per (normal image, target mask, seed) item, in order, with the reference's defect
+    painted into the item's mask.
+
+    prompt: T_t (default: the adapter's template with the reference's product and defect; a job
+    passes its target product's). features: the reference's CSM + ASEA output, for a caller that
+    serves several calls from one reference; None computes it here. on_progress("generate", steps
+    done, steps in all) follows every denoising step.
+    """
+    # 1. The adapter, the items, and C' of the reference (CSM + ASEA).
+    if not isinstance(adapter, LoadedAdapter):
+        adapter = load_adapter(adapter, sd, blip2, params.gamma)
+    items = [GenerateItem(*item) for item in items]
+    _check_references([reference])
+    _check_items(items)
+    if features is None:
+        features = reference_features(blip2, reference, params, adapter.text_template)
+
+    # 2. Conditioning: (T_t, C'), and the unconditional ("", zeros).
+    prompt = prompt or target_prompt(reference.product, reference.defect, adapter.target_template)
+    with torch.no_grad():
+        text, empty = encode_prompts(sd, [prompt, ""]).chunk(2)
+        reference_tokens = features.features[None].to(sd.device)
+        cond = adapter.adapter.condition(text, reference_tokens, sd.dtype)
+        uncond = adapter.adapter.condition(empty, torch.zeros_like(reference_tokens), sd.dtype)
+
+    # 3. Blended latent diffusion, batch by batch, with a fresh scheduler for the job.
+    scheduler = fresh_scheduler(sd)
+    scheduler.set_timesteps(params.num_inference_steps)
+    batches = [items[i : i + images_per_batch] for i in range(0, len(items), images_per_batch)]
+    total = len(batches) * params.num_inference_steps
+    results = []
+    with adapter.adapter.attached(sd.unet):
+        for number, batch in enumerate(batches):
+            on_step = _step_reporter(on_progress, number * params.num_inference_steps, total)
+            latents = _blended_ddim(sd, scheduler, batch, cond, uncond, params, on_step)
+            # 4. Decode, and fade each mask into the normal image across its border: exact beyond it.
+            for item, pixels in zip(batch, decode(sd, latents)):
+                image = fade_into_normal(item.normal, pixels, item.target_mask, params.mask_dilation)
+                mask = (np.asarray(item.target_mask) > 0).astype(np.uint8) * 255
+                results.append(AnomalyControlResult(image=image, mask=mask, seed=item.seed))
+    return results
+
+
+def _step_reporter(on_progress: ProgressCallback | None, steps_before: int, total_steps: int):
+    """A batch's on_step(done, total) that reports the call's progress."""
+    if on_progress is None:
+        return None
+    return lambda done, _batch_total: on_progress("generate", steps_before + done, total_steps)
+
+
+def _blended_ddim(sd, scheduler, items: list[GenerateItem], cond, uncond, params, on_step) -> torch.Tensor:
+    """Clean latents (k, 4, h, w): DDIM from each item's noise, the normal image's latents (noised to
+    each step) kept outside its mask, and its clean latents there at the end."""
+    latent_size = params.resolution // sd.vae_scale_factor
+    steps = len(scheduler.timesteps)
+    normal_latents = encode(sd, torch.stack([image_to_pixels(item.normal, params.resolution) for item in items]))
+    masks = torch.stack([mask_to_latent(item.target_mask, latent_size) for item in items]).to(sd.device)
+    noise_shape = (steps + 1, sd.latent_channels, latent_size, latent_size)
+    noise = torch.stack(
+        [torch.randn(noise_shape, generator=torch.Generator().manual_seed(item.seed)) for item in items]
+    ).to(sd.device)
+
+    def keep_outside_mask(i: int, t: int, latents: torch.Tensor) -> torch.Tensor:
+        return noised(scheduler, normal_latents, noise[:, i + 1], t) * (1 - masks) + latents * masks
+
+    count = len(items)
+    latents = ddim_sample(sd, scheduler, noise[:, 0], cond.expand(count, -1, -1), uncond.expand(count, -1, -1),
+                          params.guidance_scale, before_step=keep_outside_mask, on_step=on_step)
+    return normal_latents * (1 - masks) + latents * masks
+
+
+def _check_references(references: Sequence[Reference]) -> None:
+    if not references:
+        raise ValueError("AnomalyControl needs at least one exemplar")
+    for number, reference in enumerate(references):
+        check_mode(reference.image)
+        check_mask(reference.mask, reference.image)
+        if not np.any(reference.mask):
+            raise ValueError(f"exemplar {number} has an empty mask: ASEA has no anomaly to focus on")
+        if not reference.defect.strip():
+            raise ValueError(f"exemplar {number} has no defect word: T_a and T_t name it")
+
+
+def _check_items(items: list[GenerateItem]) -> None:
+    for item in items:
+        check_mode(item.normal)
+        check_mask(item.target_mask, item.normal)
