@@ -32,6 +32,7 @@ from bench.common import ROOT, png
 from service.embedded import free_port
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+OPEN_PER_CLIENT = 3
 
 
 class Soak:
@@ -56,12 +57,15 @@ class Soak:
         return response
 
     async def client(self, normals: list[str], deadline: float, seed: int):
+        """Submits only while it has fewer than OPEN_PER_CLIENT unfinished jobs, as a script waiting
+        for its jobs would: the queue stays as long as the workers can run, and the audit complete."""
         rng = random.Random(seed)
         async with httpx.AsyncClient(base_url=self.base, timeout=60) as client:
             mine: list[str] = []
+            unfinished: set[str] = set()
             while time.monotonic() < deadline:
                 action = rng.choices(["submit", "poll", "cancel", "list", "download"], [3, 8, 1, 1, 2])[0]
-                if action == "submit" or not mine:
+                if (action == "submit" and len(unfinished) < OPEN_PER_CLIENT) or not mine:
                     count = rng.randint(2, 8)
                     body = {"kind": "generate", "method": rng.choice(["draem", "cutpaste"]), "count": count,
                             "normals": rng.sample(normals, rng.randint(1, 3)), "seed": rng.randrange(2**32)}
@@ -69,8 +73,12 @@ class Soak:
                     if response is not None and response.status_code == 202:
                         self.jobs[response.json()["id"]] = count
                         mine.append(response.json()["id"])
-                elif action == "poll":
-                    await self.call(client, "GET", f"/v1/jobs/{rng.choice(mine)}")
+                        unfinished.add(mine[-1])
+                elif action in ("poll", "submit"):
+                    job_id = rng.choice(sorted(unfinished) or mine)
+                    response = await self.call(client, "GET", f"/v1/jobs/{job_id}")
+                    if response is not None and response.status_code == 200 and response.json()["status"] in TERMINAL:
+                        unfinished.discard(job_id)
                 elif action == "cancel":
                     job_id = rng.choice(mine)
                     response = await self.call(client, "DELETE", f"/v1/jobs/{job_id}")
