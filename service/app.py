@@ -11,7 +11,7 @@ from service.docs import install_docs
 from service.errors import install_error_handlers
 from service.metrics import RequestMetricsMiddleware
 from service.queue import make_producer, warm_producer_pool
-from service.routers import datasets, exemplars, health, jobs, methods
+from service.routers import datasets, exemplars, health, jobs, methods, ui
 from service.settings import Settings, SettingsError
 from service.storage import open_storage
 
@@ -20,7 +20,8 @@ Few-shot industrial anomaly synthesis. Upload a few defect exemplars (image + ma
 images, queue **generate** jobs that paint new, pixel-labelled defects onto the normal images,
 poll them, and download image/mask pairs. Errors are always
 `{"error": {"code": "...", "message": "..."}}`. Authenticate with `Authorization: Bearer <key>`
-(the **Authorize** button here).
+(the **Authorize** button here). A web page for people (jobs, pair gallery, reports, forms) is at
+[/ui](/ui).
 
 - **Webhooks**: a job with `callback_url` is POSTed its JSON when it ends, with headers
   `X-Synth-Event: job.finished`, `X-Synth-Delivery` and `X-Synth-Signature: sha256=<HMAC-SHA256 of
@@ -72,6 +73,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.producer = make_producer(settings)
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware)
-    for router in (exemplars.router, datasets.router, jobs.router, methods.router, health.router):
+    for router in (exemplars.router, datasets.router, jobs.router, methods.router, health.router, ui.router):
         app.include_router(router)
     return app

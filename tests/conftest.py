@@ -98,6 +98,65 @@ def api_url(service_env, worker, tmp_path_factory):
     proc.stop()
 
 
+@pytest.fixture(scope="session")
+def evaluated(acme):
+    """One finished evaluate job of acme's and the generate job it evaluated, for the tests that
+    read its outputs (tests/test_api_evaluate.py says how it is made)."""
+    from tests.test_api_evaluate import run_evaluate_job
+
+    return run_evaluate_job(acme)
+
+
+S3_BUCKET = "anomaly-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-speaking HTTP server with one bucket, and boto3's settings for it (also set in this
+    process's environment from then on). moto's server mode stands in for MinIO, a server outside
+    our control; boto3 talks to it over HTTP as it would to MinIO."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+        yield env
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_service_env(s3_server, redis_url):
+    """Settings of a second service on S3 storage (bucket prefix `e2e`) with a Redis database of its
+    own, so the session's worker (on local storage) never takes its jobs. As under docker compose,
+    the service reaches S3 at one address and callers at another (S3_PUBLIC_ENDPOINT_URL)."""
+    port = s3_server["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1]
+    return make_env(redis_url.rsplit("/", 1)[0] + "/1", f"s3://{S3_BUCKET}/e2e", **s3_server,
+                    S3_PUBLIC_ENDPOINT_URL=f"http://localhost:{port}")
+
+
+@pytest.fixture(scope="session")
+def s3_api_url(s3_service_env, tmp_path_factory):
+    """That service's worker and API."""
+    env = s3_service_env
+    logs = tmp_path_factory.mktemp("s3-service")
+    worker = start_worker(env, logs / "worker.log", queues="gpu", name="s3")
+    api, base = start_api(env, logs / "api.log")
+    yield base
+    api.stop()
+    worker.stop()
+
+
 def client_for(base: str, tenant: str) -> httpx.Client:
     return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TENANT_KEYS[tenant]}"}, timeout=30)
 

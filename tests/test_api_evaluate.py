@@ -35,21 +35,28 @@ def _dataset() -> bytes:
     return zip_bytes(members)
 
 
-def test_evaluate_job_reports_metrics_for_every_arm(acme):
-    dataset = acme.post("/v1/datasets", files={"file": ("d.zip", _dataset())}, data={"product": "plate"}).json()
-    exemplar = upload(acme, png_bytes(_image(300, (20, 20))), png_bytes(_mask((20, 20))), product="plate",
+def run_evaluate_job(client) -> tuple[dict, str]:
+    """A dataset made here, a cutpaste generate job, and an evaluate job of both: (the finished
+    evaluate job, the generate job's id). The slowest job of the suite, so tests share one (the
+    `evaluated` fixture)."""
+    dataset = client.post("/v1/datasets", files={"file": ("d.zip", _dataset())}, data={"product": "plate"}).json()
+    exemplar = upload(client, png_bytes(_image(300, (20, 20))), png_bytes(_mask((20, 20))), product="plate",
                       defect="spot").json()
-    normals = [upload(acme, png_bytes(_image(400 + i)), product="plate").json()["id"] for i in range(2)]
-    generate = acme.post("/v1/jobs", json={"kind": "generate", "method": "cutpaste", "count": 8,
-                                           "exemplars": [exemplar["id"]], "normals": normals,
-                                           "masks": {"source": "exemplar"}}).json()["id"]
-    assert wait_for_job(acme, generate)["status"] == "succeeded"
+    normals = [upload(client, png_bytes(_image(400 + i)), product="plate").json()["id"] for i in range(2)]
+    generate = client.post("/v1/jobs", json={"kind": "generate", "method": "cutpaste", "count": 8,
+                                             "exemplars": [exemplar["id"]], "normals": normals,
+                                             "masks": {"source": "exemplar"}}).json()["id"]
+    assert wait_for_job(client, generate)["status"] == "succeeded"
 
     params = {"train_steps": 15, "resolution": 32, "batch_size": 4, "baseline_pairs": 8, "unet_width": 8}
-    response = acme.post("/v1/jobs", json={"kind": "evaluate", "dataset": dataset["id"], "generated": [generate],
-                                           "params": params})
+    response = client.post("/v1/jobs", json={"kind": "evaluate", "dataset": dataset["id"], "generated": [generate],
+                                             "params": params})
     assert response.status_code == 202, response.text
-    job = wait_for_job(acme, response.json()["id"], timeout=240)
+    return wait_for_job(client, response.json()["id"], timeout=240), generate
+
+
+def test_evaluate_job_reports_metrics_for_every_arm(acme, evaluated):
+    job, generate = evaluated
     assert job["status"] == "succeeded", job
     assert job["progress"]["fraction"] == 1.0
 
@@ -69,7 +76,8 @@ def test_evaluate_job_reports_metrics_for_every_arm(acme):
     assert generated["generation"]["inception_score"] is None  # no weights configured here
     assert "not configured" in generated["generation"]["inception_score_reason"]
     report = acme.get(items[prefix + "report.html"]).text
-    assert "<table" in report and "pixel_roc.png" in report
+    assert "<table" in report and 'src="data:image/png;base64,' in report
+    assert "src=\"pixel_roc.png\"" not in report  # self-contained: no link to a neighbouring file
 
 
 def test_evaluate_requests_are_checked(acme, globex):

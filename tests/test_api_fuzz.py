@@ -19,7 +19,7 @@ from schemathesis.checks import (
 
 from tests.conftest import TENANT_KEYS
 
-# x 2 (with and without a key) x 28 cases: about 560 requests. bench/bench_fuzz.py asks for more.
+# x 2 (with and without a key) x 31 cases: about 620 requests. bench/bench_fuzz.py asks for more.
 EXAMPLES_PER_ROUTE = int(os.environ.get("FUZZ_EXAMPLES", "10"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
@@ -53,7 +53,9 @@ def operations():
 
 # Operations whose inputs have constraints, so that requests the schema forbids exist.
 CONSTRAINED = ["POST /v1/exemplars", "GET /v1/exemplars", "POST /v1/datasets", "GET /v1/datasets", "POST /v1/jobs",
-               "GET /v1/jobs", "POST /v1/jobs/generate", "GET /v1/jobs/{job_id}/artifacts"]
+               "GET /v1/jobs", "POST /v1/jobs/generate", "GET /v1/jobs/{job_id}/artifacts",
+               "GET /v1/jobs/{job_id}/artifacts/{key}", "GET /v1/exemplars/{exemplar_id}/image",
+               "GET /v1/exemplars/{exemplar_id}/mask"]
 CASES = [(op, GenerationMode.POSITIVE) for op in operations()] + [(op, GenerationMode.NEGATIVE) for op in CONSTRAINED]
 
 

@@ -66,7 +66,9 @@ def test_generate_job_writes_count_valid_pairs(acme, method, rgb, fmt, masks):
     prefix = f"jobs/{job['id']}/"
     assert keys == {prefix + "manifest.json", prefix + "preview.png"} | {
         prefix + f"images/scratch/{n}.png" for n in range(6)
-    } | {prefix + f"masks/scratch/{n}_mask.png" for n in range(6)}
+    } | {prefix + f"masks/scratch/{n}_mask.png" for n in range(6)} | {
+        prefix + f"thumbs/scratch/{n}{suffix}" for n in range(6) for suffix in (".jpg", "_mask.png")
+    }
 
     urls = {a["key"]: a["url"] for a in artifacts}
     manifest = acme.get(urls[prefix + "manifest.json"]).json()

@@ -1,5 +1,7 @@
 """End to end: evaluate() on a small synthetic MVTec dataset whose defects are bright and dark squares."""
 
+import base64
+import io
 import json
 import re
 
@@ -134,15 +136,21 @@ def test_trained_unet_beats_chance_on_the_easy_case(evaluation):
     assert overall["image_auroc"] > 0.7
 
 
-def test_report_renders_with_its_plots(evaluation):
+def test_report_is_self_contained_with_its_plots(evaluation):
+    """report.html carries every plot inline (it opens alone: as a download, behind a key, from
+    S3), the same PNGs that are written beside it."""
     out, metrics, _ = evaluation
     page = (out / "report.html").read_text()
     for name in metrics["arms"]:
         assert name in page
-    images = re.findall(r'src="([^"]+)"', page)
-    assert {"pixel_roc.png", "pixel_pr.png", "image_roc.png", "image_pr.png", "examples_squares.png"} <= set(images)
-    for image in images:
-        assert Image.open(out / image).size[0] > 100
+    sources = re.findall(r'src="([^"]+)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources), "a plot links to a file"
+    inline = {re.search(r'title="([^"]+)"', tag).group(1): tag for tag in re.findall(r"<img [^>]+>", page)}
+    assert {"pixel_roc.png", "pixel_pr.png", "image_roc.png", "image_pr.png", "examples_squares.png"} <= set(inline)
+    for name, tag in inline.items():
+        data = base64.b64decode(re.search(r'base64,([^"]+)"', tag).group(1))
+        assert data == (out / name).read_bytes()
+        assert Image.open(io.BytesIO(data)).size[0] > 100
 
 
 def test_progress_reports_every_stage(evaluation):

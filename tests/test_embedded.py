@@ -88,7 +88,7 @@ def test_embedded_service_runs_jobs_and_keeps_them_across_restarts(tmp_path):
         client = httpx.Client(base_url=base, timeout=30)
         job = client.get(f"/v1/jobs/{job_id}").json()
         assert job["status"] == "succeeded" and job["result"]["pairs"] == 5
-        assert len(client.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]) == 12
+        assert len(client.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]) == 5 * 4 + 2
         assert [e["id"] for e in client.get("/v1/exemplars").json()["items"]] == [normal["id"], anomaly["id"]]
     finally:
         _stop(proc)

@@ -3,6 +3,10 @@
     jobs/<id>/images/<defect>/<n>.png, jobs/<id>/masks/<defect>/<n>_mask.png,
     jobs/<id>/manifest.json, jobs/<id>/preview.png
 
+and, for the web page's grid, a 256 px thumbnail of each: jobs/<id>/thumbs/<defect>/<n>.jpg and
+<n>_mask.png (made here from the pixels in memory, a few ms a pair, rather than by the API
+decoding the full PNG for every view).
+
 Keys depend only on the job and the pair index, so a redelivered job overwrites, never duplicates.
 Each stored pair also leaves its manifest entry under jobs/<id>/checkpoint/pairs/ (written last,
 so it marks the pair complete): a redelivered job keeps those pairs and makes only the others.
@@ -17,6 +21,7 @@ from PIL import Image
 
 from models.methods.interface import Item, NormalImages, Pair, label_contract_violation
 from models.preview import contact_sheet
+from models.thumbnails import THUMBNAIL_SIDE, thumbnail
 from workers.context import JobContext
 from workers.metrics import PAIRS_GENERATED
 
@@ -50,8 +55,15 @@ class GenerateOutputs:
         entry = {"index": index, "image": f"images/{self.defect}/{index}.png",
                  "mask": f"masks/{self.defect}/{index}_mask.png", "seed": pair.seed,
                  "normal": self.normals.ids[item.normal], "weak_label": pair.weak_label, **pair.details}
+        mask_image = Image.fromarray(pair.mask_u8, mode="L")
         self.context.put_png(self.context.prefix + entry["image"], pair.image)
-        self.context.put_png(self.context.prefix + entry["mask"], Image.fromarray(pair.mask_u8, mode="L"))
+        self.context.put_png(self.context.prefix + entry["mask"], mask_image)
+        for path, picture, is_mask in (
+            (f"thumbs/{self.defect}/{index}.jpg", pair.image, False),
+            (f"thumbs/{self.defect}/{index}_mask.png", mask_image, True),
+        ):
+            data, media_type = thumbnail(picture, THUMBNAIL_SIDE, mask=is_mask)
+            self.context.storage.put(self.context.prefix + path, data, media_type)
         for name, extra in pair.extra_masks.items():
             entry[name] = f"{name}s/{self.defect}/{index}_mask.png"
             mask = (np.asarray(extra) > 0).astype(np.uint8) * 255
@@ -90,6 +102,8 @@ class GenerateOutputs:
             "prefix": prefix,
             "manifest": prefix + "manifest.json",
             "preview": prefix + "preview.png",
+            "thumbnails": prefix + "thumbs/",
+            "thumbnail_side": THUMBNAIL_SIDE,
         }
 
     def _stored_image(self, path: str) -> Image.Image:

@@ -1,9 +1,12 @@
 """report.html: the metrics as tables, ROC and PR curves, and example predictions on real images.
 
-Plots are PNG files beside the HTML (matplotlib, headless), so the report is a folder that opens
-anywhere with no server and no scripts.
+Plots are PNG files beside the HTML (matplotlib, headless), and the HTML carries them too, as
+data URIs: report.html is one self-contained file that opens correctly as a download, through the
+API behind a key, or from a presigned S3 URL, where links to its neighbours would break. No
+server, no scripts.
 """
 
+import base64
 import html
 import re
 from collections.abc import Mapping, Sequence
@@ -64,6 +67,12 @@ def _example_grid(path: Path, examples: Sequence[Example], threshold: float | No
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
+def _image(path: Path, alt: str) -> str:
+    """An <img> carrying the PNG at `path` inline."""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" title="{html.escape(path.name)}">'
+
+
 def _format(value) -> str:
     if value is None:
         return "&ndash;"
@@ -100,7 +109,7 @@ def write_report(output_dir: Path, metrics: dict, curves: Mapping[str, tuple[Cur
              (arm["classification"] or {}).get("accuracy"), round(arm["training"]["train_seconds"])]
             for name, arm in arms.items()
         ]),
-        "<p>" + " ".join(f'<img src="{level}_{kind}.png" alt="{level} {kind}">'
+        "<p>" + " ".join(_image(output_dir / f"{level}_{kind}.png", f"{level} {kind}")
                          for level in ("pixel", "image") for kind in ("roc", "pr")) + "</p>",
     ]
     for name, arm in arms.items():
@@ -126,7 +135,7 @@ def write_report(output_dir: Path, metrics: dict, curves: Mapping[str, tuple[Cur
             "<p>Training: " + html.escape(", ".join(f"{k} {v}" for k, v in arm["training"].items())) + "</p>",
             f"<p>Real test images ({', '.join(html.escape(e.defect) for e in examples[name])}), left to right: "
             f"image, anomaly map, predicted mask (map &ge; {_format(threshold)}, the pixel F1-max threshold), "
-            f'true mask.<br><img src="examples_{stem}.png" alt="examples of {html.escape(name)}"></p>'
+            f"true mask.<br>{_image(output_dir / f'examples_{stem}.png', f'examples of {name}')}</p>"
             if examples[name] else "",
         ]
     for name, reason in metrics["skipped_arms"].items():

@@ -1,4 +1,4 @@
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
@@ -10,11 +10,13 @@ from service.lifecycle import delete_record
 from service.pagination import DEFAULT_LIMIT, Cursor, Limit, page
 from service.records import Records
 from service.schemas import NAME_PATTERN, ErrorResponse, Exemplar, ExemplarList
+from service.thumbnails import THUMB_MAX, THUMB_MIN, thumbnail_response
 from service.uploads import public_exemplar, store_exemplars, validate_exemplar
 
 router = APIRouter(prefix="/v1/exemplars", tags=["exemplars"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 409, 413, 415, 422, 503)}
 READ_ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 503)}
+IMAGE_ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 422, 503)}
 
 
 @router.post("", status_code=201, response_model=Exemplar, responses=ERRORS)
@@ -75,20 +77,36 @@ def get_exemplar(exemplar_id: str, tenant: Tenant, records: RecordsDep):
     return public_exemplar(_owned(records, tenant, exemplar_id))
 
 
-@router.get("/{exemplar_id}/image", response_class=Response, responses=READ_ERRORS)
-def download_image(exemplar_id: str, tenant: Tenant, records: RecordsDep, storage: StorageDep):
-    """The image as stored (PNG: grayscale or RGB, as it was validated)."""
-    record = _owned(records, tenant, exemplar_id)
-    return download(storage, record["image_key"], f"{exemplar_id}.png")
+THUMB = Query(None, ge=THUMB_MIN, le=THUMB_MAX, description="an image scaled to fit this many px")
 
 
-@router.get("/{exemplar_id}/mask", response_class=Response, responses=READ_ERRORS)
-def download_mask(exemplar_id: str, tenant: Tenant, records: RecordsDep, storage: StorageDep):
-    """The defect mask as stored (PNG, 0/255); a normal image has none (404)."""
-    record = _owned(records, tenant, exemplar_id)
-    if not record["mask_key"]:
-        raise ApiError(404, "no_mask", f"exemplar {exemplar_id} is a normal image: it has no mask")
-    return download(storage, record["mask_key"], f"{exemplar_id}_mask.png")
+def _stored_image(request: Request, storage, record: dict, which: str, thumb: int | None) -> Response:
+    key = record[f"{which}_key"]
+    if key is None:
+        raise ApiError(404, "no_mask", f"exemplar {record['id']} is a normal image: it has no mask")
+    if thumb is not None:
+        return thumbnail_response(request, storage.get(key), thumb)
+    suffix = "" if which == "image" else "_mask"
+    return download(storage, key, f"{record['id']}{suffix}.png")
+
+
+@router.get("/{exemplar_id}/image", response_class=Response, responses=IMAGE_ERRORS)
+def download_image(
+    exemplar_id: str, request: Request, tenant: Tenant, records: RecordsDep, storage: StorageDep,
+    thumb: int | None = THUMB,
+):
+    """The image as stored (PNG: grayscale or RGB, as it was validated); with `thumb`, a small JPEG."""
+    return _stored_image(request, storage, _owned(records, tenant, exemplar_id), "image", thumb)
+
+
+@router.get("/{exemplar_id}/mask", response_class=Response, responses=IMAGE_ERRORS)
+def download_mask(
+    exemplar_id: str, request: Request, tenant: Tenant, records: RecordsDep, storage: StorageDep,
+    thumb: int | None = THUMB,
+):
+    """The defect mask as stored (PNG, 0/255), a normal image has none (404); with `thumb`, a small
+    mask that keeps every defect pixel."""
+    return _stored_image(request, storage, _owned(records, tenant, exemplar_id), "mask", thumb)
 
 
 @router.delete("/{exemplar_id}", status_code=204, response_class=Response, responses=ERRORS | READ_ERRORS)

@@ -34,6 +34,7 @@ from service.schemas import (
 )
 from service.storage import StorageError, check_key
 from service.submission import build_job, submit
+from service.thumbnails import THUMB_MAX, THUMB_MIN, thumbnail_response
 from service.uploads import store_exemplars, validate_exemplar
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -327,8 +328,17 @@ def export_pairs(
 
 
 @router.get("/{job_id}/artifacts/{key:path}", responses=ERRORS, response_class=Response)
-def download_artifact(job_id: str, key: str, tenant: Tenant, records: RecordsDep, storage: StorageDep):
-    """Download one artifact by its key (as listed)."""
+def download_artifact(
+    job_id: str,
+    key: str,
+    request: Request,
+    tenant: Tenant,
+    records: RecordsDep,
+    storage: StorageDep,
+    thumb: int | None = Query(None, ge=THUMB_MIN, le=THUMB_MAX, description="an image scaled to fit this many px"),
+):
+    """Download one artifact by its key (as listed); with `thumb`, a small JPEG of an image (a mask
+    stays a PNG mask)."""
     _owned_job(records, tenant, job_id)
     try:
         check_key(key)
@@ -336,4 +346,6 @@ def download_artifact(job_id: str, key: str, tenant: Tenant, records: RecordsDep
         raise ApiError(404, "artifact_not_found", f"no artifact {echo(key)}") from None
     if not key.startswith(job_prefixes(job_id)) or not storage.exists(key):
         raise ApiError(404, "artifact_not_found", f"no artifact {echo(key)}")  # checked here to say so
+    if thumb is not None:
+        return thumbnail_response(request, storage.get(key), thumb)
     return download(storage, key)
