@@ -46,6 +46,7 @@ def run_evaluate(context: JobContext) -> dict:
             checkpoint_dir=scratch / "checkpoints",
             inception_weights=_weights(settings.inception_weights, "INCEPTION_WEIGHTS"),
             lpips_weights=_weights(settings.lpips_weights, "LPIPS_WEIGHTS"),
+            precision=settings.downstream_precision,
         )
         context.upload_folder(output, context.prefix)
     return {

@@ -11,8 +11,9 @@ from torch.nn import functional as F
 
 from models.downstream.data import as_float, augment
 from models.downstream.params import EvaluateParams
-from models.downstream.train import ProgressCallback
+from models.downstream.train import ProgressCallback, memory_format
 from models.downstream.unet import conv_block
+from models.precision import Precision, autocast_dtype
 
 
 class DefectClassifier(nn.Module):
@@ -41,13 +42,17 @@ def train_classifier(
     *,
     device: torch.device,
     on_progress: ProgressCallback | None = None,
+    precision: Precision = "fp32",
 ) -> DefectClassifier:
     """Train on uint8 images (N, C, R, R) with class indices (N,) for ``params.train_steps`` steps.
 
-    The network is small, so it trains in fp32 on every device.
+    The network is small, so on CUDA it trains in fp32; on the CPU it follows ``precision`` like
+    the segmenter (``models.precision``), the loss in fp32.
     """
+    amp_dtype = autocast_dtype(device, precision) if device.type == "cpu" else None
+    layout = memory_format(device)
     torch.manual_seed(params.seed)
-    model = DefectClassifier(images.shape[1], num_classes, params.unet_width).to(device)
+    model = DefectClassifier(images.shape[1], num_classes, params.unet_width).to(device, memory_format=layout)
     optimizer = torch.optim.Adam(model.parameters(), lr=params.learning_rate)
     generator = torch.Generator().manual_seed(params.seed)
     report_every = max(1, params.train_steps // 100)
@@ -56,7 +61,9 @@ def train_classifier(
         picked = torch.randint(len(images), (params.batch_size,), generator=generator)
         batch = as_float(images[picked])
         batch, _ = augment(batch, torch.zeros_like(batch[:, :1]), generator)
-        loss = F.cross_entropy(model(batch.to(device)), labels[picked].to(device))
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(batch.to(device).contiguous(memory_format=layout))
+        loss = F.cross_entropy(logits.float(), labels[picked].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -66,9 +73,13 @@ def train_classifier(
 
 
 @torch.no_grad()
-def predict_classes(model: DefectClassifier, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+def predict_classes(model: DefectClassifier, images: torch.Tensor, device: torch.device,
+                    precision: Precision = "fp32") -> torch.Tensor:
     """Class index (N,) of each uint8 image (N, C, R, R)."""
-    return model(as_float(images).to(device)).argmax(dim=1).cpu()
+    amp_dtype = autocast_dtype(device, precision) if device.type == "cpu" else None
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(as_float(images).to(device).contiguous(memory_format=memory_format(device)))
+    return logits.float().argmax(dim=1).cpu()
 
 
 def classification_accuracy(predicted: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict:

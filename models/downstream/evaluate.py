@@ -40,6 +40,7 @@ from models.downstream.mvtec import FewShotSplit, few_shot_split
 from models.downstream.params import EvaluateParams
 from models.downstream.report import Example, write_report
 from models.downstream.train import ProgressCallback, predict, train_segmenter
+from models.precision import Precision, autocast_dtype, precision_name
 
 EXAMPLES_PER_DEFECT = 2
 EXAMPLE_SIZE = 128
@@ -94,6 +95,7 @@ def evaluate(
     checkpoint_dir: Path | None = None,
     inception_weights: Path | None = None,
     lpips_weights: Path | None = None,
+    precision: Precision = "fp32",
 ) -> dict:
     """Evaluate each generated set (name -> pairs), their combination and, with ``params.baselines``,
     the DRAEM and exemplar copy-paste baselines. See the module docstring; returns metrics.json."""
@@ -115,7 +117,7 @@ def evaluate(
         raise ValueError("nothing to evaluate: no generated sets and baselines are off")
     return evaluate_arms(real, arms, params, Path(output_dir), device=device, on_progress=on_progress,
                          checkpoint_dir=checkpoint_dir, inception_weights=inception_weights,
-                         lpips_weights=lpips_weights, skipped=skipped)
+                         lpips_weights=lpips_weights, skipped=skipped, precision=precision)
 
 
 def evaluate_arms(
@@ -130,8 +132,12 @@ def evaluate_arms(
     inception_weights: Path | None = None,
     lpips_weights: Path | None = None,
     skipped: Mapping[str, str] | None = None,
+    precision: Precision = "fp32",
 ) -> dict:
-    """Train, score and report every arm; write metrics.json and report.html into ``output_dir``."""
+    """Train, score and report every arm; write metrics.json and report.html into ``output_dir``.
+
+    ``precision``: autocast on the CPU (``models.precision``): the segmenter's training and scoring.
+    """
     started = time.monotonic()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +149,7 @@ def evaluate_arms(
             arm, real, params, device=device,
             on_progress=_prefixed(on_progress, f"arm {number}/{len(arms)} {arm.name}"),
             checkpoint=checkpoint_dir / f"{arm.name}.pt" if checkpoint_dir is not None else None,
-            inception_weights=inception_weights, lpips_weights=lpips_weights,
+            inception_weights=inception_weights, lpips_weights=lpips_weights, precision=precision,
         )
 
     metrics = {
@@ -181,12 +187,13 @@ def evaluate_arm(
     checkpoint: Path | None,
     inception_weights: Path | None,
     lpips_weights: Path | None,
+    precision: Precision = "fp32",
 ) -> tuple[dict, TestScores]:
     """One arm: its entry in metrics.json, and its test scores (for the report's curves and examples)."""
     started = time.monotonic()
     # 1. The segmenter.
     model = train_segmenter(arm.training_set(real.normals), params, device=device, on_progress=on_progress,
-                            checkpoint=checkpoint)
+                            checkpoint=checkpoint, precision=precision)
     train_seconds = time.monotonic() - started
 
     # 2. The defect-type classifier, when the arm has two or more of the real test set's types.
@@ -200,10 +207,10 @@ def evaluate_arm(
         picked = [i for i, defect in enumerate(arm.defects) if defect in class_names]
         labels = torch.tensor([class_names.index(arm.defects[i]) for i in picked])
         classifier = train_classifier(arm.images[picked], labels, len(class_names), params,
-                                      device=device, on_progress=on_progress)
+                                      device=device, on_progress=on_progress, precision=precision)
 
     # 3. One pass over the real test set.
-    scores = score_test_set(model, real, params, device, classifier, class_names, on_progress)
+    scores = score_test_set(model, real, params, device, classifier, class_names, on_progress, precision)
 
     # 4. Everything about the arm.
     result = {
@@ -226,7 +233,7 @@ def evaluate_arm(
             "steps": params.train_steps, "batch_size": params.batch_size, "resolution": params.resolution,
             "learning_rate": params.learning_rate, "seed": params.seed, "tau": params.tau,
             "unet_width": params.unet_width, "normal_images": len(real.normals), "device": device.type,
-            "precision": "fp16 autocast" if device.type == "cuda" else "fp32",
+            "precision": precision_name(autocast_dtype(device, precision)),
             "train_seconds": round(train_seconds, 2),
         },
         "wall_seconds": round(time.monotonic() - started, 2),
@@ -255,7 +262,7 @@ def _thumbnail(array: np.ndarray) -> np.ndarray:
 
 def score_test_set(model, real: RealData, params: EvaluateParams, device: torch.device,
                    classifier=None, class_names: Sequence[str] = (),
-                   on_progress: ProgressCallback | None = None) -> TestScores:
+                   on_progress: ProgressCallback | None = None, precision: Precision = "fp32") -> TestScores:
     """One streaming pass over the real test set: segmentation metrics at each image's own size
     (the anomaly map is resized up to it) and, with a classifier, its prediction per anomaly."""
     test, examples = real.split.test, _example_indices(real.split)
@@ -264,7 +271,7 @@ def score_test_set(model, real: RealData, params: EvaluateParams, device: torch.
         items = test[start:start + params.batch_size]
         originals = [open_image(item.path) for item in items]
         images = torch.stack([image_tensor(image, params.resolution, real.channels) for image in originals])
-        anomaly_maps = predict(model, images, device)
+        anomaly_maps = predict(model, images, device, precision)
         for offset, (item, original, anomaly_map) in enumerate(zip(items, originals, anomaly_maps)):
             width, height = original.size
             gt_mask = mask_array(item.mask) if item.mask is not None else np.zeros((height, width), bool)
@@ -282,7 +289,7 @@ def score_test_set(model, real: RealData, params: EvaluateParams, device: torch.
         if classifier is not None:
             typed = [i for i, item in enumerate(items) if item.defect in class_names]
             if typed:
-                scores.predicted_classes += predict_classes(classifier, images[typed], device).tolist()
+                scores.predicted_classes += predict_classes(classifier, images[typed], device, precision).tolist()
                 scores.true_classes += [class_names.index(items[i].defect) for i in typed]
         if on_progress is not None:
             on_progress("score", min(start + params.batch_size, len(test)), len(test))
