@@ -44,11 +44,14 @@ from models.precision import Precision, autocast_dtype, precision_name
 
 EXAMPLES_PER_DEFECT = 2
 EXAMPLE_SIZE = 128
+SCORE_BATCH = 32  # test images per forward pass: fewer, larger oneDNN calls than the training batch
 
 
 @dataclass(frozen=True)
 class RealData:
-    """The real dataset at the model's resolution: normals and exemplars in memory, the test set on disk."""
+    """The real dataset, decoded once per job and shared by every arm: normals, exemplars and test
+    images at the model's resolution, and the test set's masks at their own size (metrics are
+    computed there)."""
 
     split: FewShotSplit
     channels: int
@@ -56,6 +59,8 @@ class RealData:
     exemplar_images: torch.Tensor  # uint8 (E, C, R, R)
     exemplar_masks: torch.Tensor  # bool (E, 1, R, R)
     exemplar_defects: list[str]
+    test_images: torch.Tensor  # uint8 (T, C, R, R), in split.test's order
+    test_masks: list[np.ndarray]  # bool (H, W) at each test image's own size; all False for test/good
 
 
 @dataclass
@@ -73,6 +78,12 @@ def load_real_data(dataset_dir: Path, resolution: int) -> RealData:
         raise ValueError(f"{dataset_dir}: train/good holds no images")
     channels = image_channels(split.normals)
     exemplars = [exemplar for defect in split.defects for exemplar in split.exemplars[defect]]
+    test_images, test_masks = [], []
+    for item in split.test:
+        original = open_image(item.path)
+        test_images.append(image_tensor(original, resolution, channels))
+        width, height = original.size
+        test_masks.append(mask_array(item.mask) if item.mask is not None else np.zeros((height, width), bool))
     return RealData(
         split=split, channels=channels,
         normals=torch.stack([image_tensor(path, resolution, channels) for path in split.normals]),
@@ -81,6 +92,9 @@ def load_real_data(dataset_dir: Path, resolution: int) -> RealData:
         exemplar_masks=torch.stack([mask_tensor(e.mask, resolution) for e in exemplars])
         if exemplars else torch.zeros(0, 1, resolution, resolution, dtype=torch.bool),
         exemplar_defects=[exemplar.defect for exemplar in exemplars],
+        test_images=torch.stack(test_images)
+        if test_images else torch.zeros(0, channels, resolution, resolution, dtype=torch.uint8),
+        test_masks=test_masks,
     )
 
 
@@ -210,7 +224,7 @@ def evaluate_arm(
                                       device=device, on_progress=on_progress, precision=precision)
 
     # 3. One pass over the real test set.
-    scores = score_test_set(model, real, params, device, classifier, class_names, on_progress, precision)
+    scores = score_test_set(model, real, device, classifier, class_names, on_progress, precision)
 
     # 4. Everything about the arm.
     result = {
@@ -260,21 +274,21 @@ def _thumbnail(array: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(array).resize((EXAMPLE_SIZE, EXAMPLE_SIZE), Image.BILINEAR))
 
 
-def score_test_set(model, real: RealData, params: EvaluateParams, device: torch.device,
+def score_test_set(model, real: RealData, device: torch.device,
                    classifier=None, class_names: Sequence[str] = (),
                    on_progress: ProgressCallback | None = None, precision: Precision = "fp32") -> TestScores:
-    """One streaming pass over the real test set: segmentation metrics at each image's own size
-    (the anomaly map is resized up to it) and, with a classifier, its prediction per anomaly."""
+    """One pass over the real test set (decoded once, in ``real``), ``SCORE_BATCH`` images per
+    forward pass: segmentation metrics at each image's own size (the anomaly map is resized up to
+    it) and, with a classifier, its prediction per anomaly."""
     test, examples = real.split.test, _example_indices(real.split)
     scores = TestScores(per_defect={defect: SegmentationMetrics() for defect in real.split.defects})
-    for start in range(0, len(test), params.batch_size):
-        items = test[start:start + params.batch_size]
-        originals = [open_image(item.path) for item in items]
-        images = torch.stack([image_tensor(image, params.resolution, real.channels) for image in originals])
+    for start in range(0, len(test), SCORE_BATCH):
+        items = test[start:start + SCORE_BATCH]
+        images = real.test_images[start:start + SCORE_BATCH]
         anomaly_maps = predict(model, images, device, precision)
-        for offset, (item, original, anomaly_map) in enumerate(zip(items, originals, anomaly_maps)):
-            width, height = original.size
-            gt_mask = mask_array(item.mask) if item.mask is not None else np.zeros((height, width), bool)
+        for offset, (item, anomaly_map) in enumerate(zip(items, anomaly_maps)):
+            gt_mask = real.test_masks[start + offset]
+            height, width = gt_mask.shape
             full_map = np.asarray(Image.fromarray(anomaly_map).resize((width, height), Image.BILINEAR))
             is_anomalous = item.defect != "good"
             scores.overall.update(full_map, gt_mask, is_anomalous)
@@ -292,5 +306,5 @@ def score_test_set(model, real: RealData, params: EvaluateParams, device: torch.
                 scores.predicted_classes += predict_classes(classifier, images[typed], device, precision).tolist()
                 scores.true_classes += [class_names.index(items[i].defect) for i in typed]
         if on_progress is not None:
-            on_progress("score", min(start + params.batch_size, len(test)), len(test))
+            on_progress("score", min(start + SCORE_BATCH, len(test)), len(test))
     return scores
