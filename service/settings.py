@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     downstream_precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="evaluate jobs on the CPU: bf16 autocast where the CPU supports it (auto), or forced"
     )
+    generation_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="generate jobs on the CPU: the UNet and VAE under bf16 autocast where the CPU supports "
+        "it (auto), or forced; CUDA always runs fp16"
+    )
     max_image_side: int = Field(4096, ge=16)
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_count: int = Field(10_000, ge=1)

@@ -81,7 +81,8 @@ def service_env(redis_url, service_sd_dir, service_blip2_dir, tmp_path_factory):
     storage = tmp_path_factory.mktemp("storage")
     # One torch thread: tiny models gain nothing from more, and CI has two shared cores.
     return make_env(redis_url, f"file://{storage}", SD_MODEL_DIR=str(service_sd_dir),
-                    BLIP2_MODEL_DIR=str(service_blip2_dir), DEVICE="cpu", OMP_NUM_THREADS="1")
+                    BLIP2_MODEL_DIR=str(service_blip2_dir), DEVICE="cpu", OMP_NUM_THREADS="1",
+                    DOWNSTREAM_PRECISION="fp32", GENERATION_PRECISION="fp32")  # the suite runs fp32
 
 
 @pytest.fixture(scope="session")

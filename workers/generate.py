@@ -56,6 +56,7 @@ def _request(context: JobContext, spec, scratch: Path) -> GenerateRequest:
         cache=StorageCache(context.storage, f"cache/{job['method']}/{job['tenant']}/"),
         weight_dirs=context.settings.weight_dirs,
         device=context.settings.device,
+        precision=context.settings.generation_precision,
     )
 
 

@@ -4,6 +4,12 @@ Every job of a process shares the loaded modules, so methods must leave them as 
 attention processors and extra token embeddings are installed inside `with` blocks that restore
 the originals (see attention.py and textual_inversion.py). Schedulers hold per-run state, so
 each job takes its own from `fresh_scheduler`.
+
+Precision: fp16 weights on CUDA. On the CPU the weights stay fp32, and with `precision` "bf16"
+(or "auto" on a CPU with native bf16, see models/precision.py) every UNet call and VAE
+encode/decode runs under bf16 autocast: oneDNN's bf16 convolutions and matmuls, fp32 weights and
+fp32 everywhere else (text encoder, latents between steps, the composite onto the normal image).
+Callers take the UNet's and VAE's outputs with `.float()` already, so nothing else changes.
 """
 
 import functools
@@ -17,6 +23,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from models.diffusion.checks import sd_dir_problem, weight_variants
 from models.errors import InputError
+from models.precision import Precision, autocast_dtype
 
 
 class ModelUnavailable(InputError):
@@ -34,7 +41,8 @@ class StableDiffusion:
     tokenizer: CLIPTokenizer
     scheduler_config: dict
     device: torch.device
-    dtype: torch.dtype  # float16 on CUDA, float32 on CPU
+    dtype: torch.dtype  # of the weights: float16 on CUDA, float32 on CPU
+    autocast_dtype: torch.dtype | None = None  # bfloat16: the UNet and VAE run under CPU autocast
 
     @property
     def vae_scale_factor(self) -> int:
@@ -50,15 +58,18 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_sd(model_dir: str | Path | None, device: str | None = None) -> StableDiffusion:
-    """The SD model in `model_dir` on `device` (default: CUDA when present), loaded once per process.
+def load_sd(model_dir: str | Path | None, device: str | None = None, precision: Precision = "fp32") -> StableDiffusion:
+    """The SD model in `model_dir` on `device` (default: CUDA when present), loaded once per process
+    and precision. `precision` matters on the CPU only (see the module docstring).
 
     Raises ModelUnavailable when the directory is not usable (the reason from `sd_dir_problem`).
     """
     problem = sd_dir_problem(str(model_dir) if model_dir else None)
     if problem:
         raise ModelUnavailable(f"this worker cannot load Stable Diffusion: {problem}")
-    return _load(Path(model_dir).resolve(), torch.device(device or default_device()))
+    device = torch.device(device or default_device())
+    cpu_autocast = autocast_dtype(device, precision) if device.type == "cpu" else None
+    return _load(Path(model_dir).resolve(), device, cpu_autocast)
 
 
 def fresh_scheduler(sd: StableDiffusion) -> DDIMScheduler:
@@ -66,8 +77,20 @@ def fresh_scheduler(sd: StableDiffusion) -> DDIMScheduler:
     return DDIMScheduler.from_config(sd.scheduler_config)
 
 
+def _run_under_autocast(module: torch.nn.Module, method: str, dtype: torch.dtype) -> None:
+    """Make `module.<method>` run under CPU autocast to `dtype`, a fresh autocast region per call."""
+    original = getattr(module, method)
+
+    @functools.wraps(original)
+    def under_autocast(*args, **kwargs):
+        with torch.autocast("cpu", dtype=dtype):
+            return original(*args, **kwargs)
+
+    setattr(module, method, under_autocast)
+
+
 @functools.cache
-def _load(model_dir: Path, device: torch.device) -> StableDiffusion:
+def _load(model_dir: Path, device: torch.device, cpu_autocast: torch.dtype | None) -> StableDiffusion:
     # fp16 halves memory and time on GPUs; CPUs lack fast fp16 kernels, so stay fp32 there.
     dtype = torch.float16 if device.type == "cuda" else torch.float32
 
@@ -93,6 +116,11 @@ def _load(model_dir: Path, device: torch.device) -> StableDiffusion:
     # a method swaps in its own processors only on the layers it must inspect.
     unet.set_attn_processor(AttnProcessor2_0())
     vae.set_attn_processor(AttnProcessor2_0())
+    if cpu_autocast is not None:
+        # forward, encode and decode are what every caller uses (the UNet is called, the VAE is not)
+        _run_under_autocast(unet, "forward", cpu_autocast)
+        _run_under_autocast(vae, "encode", cpu_autocast)
+        _run_under_autocast(vae, "decode", cpu_autocast)
     return StableDiffusion(
         model_dir=model_dir,
         unet=unet,
@@ -102,4 +130,5 @@ def _load(model_dir: Path, device: torch.device) -> StableDiffusion:
         scheduler_config=scheduler_config,
         device=device,
         dtype=dtype,
+        autocast_dtype=cpu_autocast,
     )

@@ -173,6 +173,7 @@ class GenerateRequest:
     cache: Cache | None = None
     weight_dirs: dict[str, str | None] = field(default_factory=dict)  # setting name -> local directory
     device: str | None = None
+    precision: str = "fp32"  # on the CPU: auto, fp32 or bf16 (models/precision.py), for load_sd
 
     def target_mask(
         self,

@@ -40,7 +40,7 @@ def generate(
     request: GenerateRequest, calls: Sequence[list[Item]], on_progress: ProgressCallback
 ) -> Iterator[list[Pair]]:
     """Each item is painted inside the bounding box of its target mask: the box is its (weak) label."""
-    sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device)
+    sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device, request.precision)
     embedding = pipeline.load_adapter(request.adapter_dir)
     for call in calls:
         items = [(request.normals[item.normal], bounding_box(request.target_mask(item)), item.seed) for item in call]

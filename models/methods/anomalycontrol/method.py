@@ -52,7 +52,7 @@ def generate(
 ) -> Iterator[list[Pair]]:
     if request.adapter_dir is None:
         raise InputError("AnomalyControl generate jobs need `adapter`: an anomalycontrol fine-tune job id")
-    sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device)
+    sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device, request.precision)
     blip2 = load_blip2(request.weight_dirs.get("BLIP2_MODEL_DIR"), sd.device)
     adapter = pipeline.load_adapter(request.adapter_dir, sd, blip2, request.params.gamma)
     prepared: dict[int, SemanticFeatures] = {}  # reference -> its C'

@@ -40,7 +40,7 @@ def calls(request: GenerateRequest) -> list[list[Item]]:
 def generate(
     request: GenerateRequest, calls: Sequence[list[Item]], on_progress: ProgressCallback
 ) -> Iterator[list[Pair]]:
-    sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device)
+    sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device, request.precision)
     prepared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # reference -> (embedding, inverted path)
     for call in calls:
         position = call[0].reference

@@ -1,0 +1,96 @@
+"""bf16 autocast on the CPU (models/precision.py): which precision a device gets, and the two
+places that use it — the downstream trainer and scorer, and SD's UNet and VAE in CPU generation.
+The rest of the suite runs fp32; here "bf16" is forced, so it runs on CPUs without native bf16 too."""
+
+import numpy as np
+import pytest
+import torch
+
+from models.diffusion.loading import load_sd
+from models.downstream.params import EvaluateParams
+from models.downstream.train import TrainingSet, predict, train_segmenter
+from models.methods.interface import (
+    Checkpoints,
+    Exemplar,
+    FinetuneRequest,
+    GenerateRequest,
+    NormalImages,
+    job_items,
+    label_contract_violation,
+)
+from models.methods.params import MaskSpec
+from models.methods.registry import METHODS, generate_all, implementation
+from models.precision import autocast_dtype, cpu_has_native_bf16
+from tests.diffusion_fixtures import box_mask, textured_image
+
+pytest_plugins = ["tests.diffusion_fixtures"]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+CPU = torch.device("cpu")
+
+
+def test_precision_per_device_and_setting():
+    assert autocast_dtype(CPU, "fp32") is None
+    assert autocast_dtype(CPU, "bf16") == torch.bfloat16
+    assert autocast_dtype(CPU, "auto") == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    for precision in ("auto", "fp32", "bf16"):  # CUDA keeps its fp16 path whatever the CPU setting
+        assert autocast_dtype(torch.device("cuda"), precision) == torch.float16
+    with pytest.raises(ValueError, match="precision"):
+        autocast_dtype(CPU, "fp8")
+
+
+def conv_input_dtypes(module: torch.nn.Module) -> set[torch.dtype]:
+    """Records the dtype each Conv2d computes in (autocast casts inside the op, so look at the
+    weight-cast result: the output dtype)."""
+    seen = set()
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            layer.register_forward_hook(lambda _m, _i, output: seen.add(output.dtype))
+    return seen
+
+
+def test_downstream_training_and_scoring_under_bf16_keep_fp32_weights_and_learn():
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(90, 140, (12, 1, 32, 32), dtype=np.uint8))
+    masks = torch.zeros(12, 1, 32, 32, dtype=torch.bool)
+    for i in range(12):
+        y, x = rng.integers(2, 22, 2)
+        images[i, :, y:y + 8, x:x + 8] = 240
+        masks[i, :, y:y + 8, x:x + 8] = True
+    data = TrainingSet(images, masks, torch.zeros(12, dtype=torch.bool), images[:0])
+    params = EvaluateParams(train_steps=40, resolution=32, learning_rate=3e-3, unet_width=8)
+    model = train_segmenter(data, params, device=CPU, precision="bf16")
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, not bf16 weights
+    seen = conv_input_dtypes(model)
+    maps = predict(model, images, CPU, precision="bf16")
+    assert seen == {torch.bfloat16} and maps.dtype == np.float32
+    inside, outside = maps[masks[:, 0].numpy()].mean(), maps[~masks[:, 0].numpy()].mean()
+    assert inside > outside + 0.3
+
+
+def test_cpu_generation_under_bf16_keeps_the_exact_background(tiny_sd_dir, tmp_path):
+    fp32, bf16 = load_sd(tiny_sd_dir, "cpu", "fp32"), load_sd(tiny_sd_dir, "cpu", "bf16")
+    assert fp32.autocast_dtype is None and bf16.autocast_dtype == torch.bfloat16 and fp32 is not bf16
+    assert bf16.dtype == torch.float32 and bf16.unet.dtype == torch.float32  # the weights stay fp32
+    unet_dtypes, vae_dtypes = conv_input_dtypes(bf16.unet), conv_input_dtypes(bf16.vae)
+
+    spec = METHODS["anogen"]
+    params = spec.params.model_validate({"resolution": 64, "num_inference_steps": 3, "train_steps": 2,
+                                         "batch_size": 1})
+    reference = Exemplar("ref", textured_image(56, 72, "RGB", seed=1), box_mask(56, 72, (20, 16, 44, 40)), "p", "d")
+    normals = [textured_image(60, 76, "RGB", seed=s) for s in (2, 3)]
+    weight_dirs = {"SD_MODEL_DIR": str(tiny_sd_dir)}
+    implementation(spec).finetune(FinetuneRequest(  # its textual-inversion embedding, trained in fp32
+        params, [reference], NormalImages.in_memory(normals), seed=0, adapter_dir=tmp_path / "adapter",
+        checkpoints=Checkpoints(tmp_path / "checkpoints"), weight_dirs=weight_dirs, device="cpu",
+    ), lambda *_: None)
+    request = GenerateRequest(
+        params=params, masks=MaskSpec(source=spec.default_mask_source), exemplars=[reference], given_masks=[],
+        normals=NormalImages.in_memory(normals), items=job_items(3, 0, 2, 1), adapter_dir=tmp_path / "adapter",
+        weight_dirs=weight_dirs, device="cpu", precision="bf16",
+    )
+    pairs = generate_all(spec, request)
+    assert unet_dtypes == {torch.bfloat16} and vae_dtypes == {torch.bfloat16}  # both ran under autocast
+    assert [pair.index for pair in pairs] == [0, 1, 2]
+    for pair in pairs:
+        assert label_contract_violation(normals[request.items[pair.index].normal], pair) is None
+        assert pair.mask_u8.any()
