@@ -1,7 +1,9 @@
 """One training step of the downstream U-Net on the CPU: fp32 vs bf16 autocast vs bf16 + torch.compile.
 
 The step is the trainer's own (``train.training_step``: forward under autocast, fp32 loss, Adam)
-on a fixed augmented-size batch, at 128 and 256 px. The variants are timed in alternating rounds
+on a fixed batch, at 128 and 256 px. Variants: ``fp32 NCHW`` (what main's trainer ran), then the
+trainer's channels-last layout (``train.memory_format``) in fp32, in bf16 (what the trainer runs
+now on a CPU with native bf16) and in bf16 under ``torch.compile``. They are timed in alternating rounds
 (the machine is shared and noisy) and the median per-step time of each is reported, with the
 compile time of the compiled variant and how many steps it takes to earn it back.
 
@@ -17,7 +19,7 @@ import time
 
 import torch
 
-from models.downstream.train import training_step
+from models.downstream.train import memory_format, training_step
 from models.downstream.unet import UNet
 from models.precision import cpu_has_native_bf16
 
@@ -25,13 +27,15 @@ from models.precision import cpu_has_native_bf16
 def make_variant(name: str, size: int, args, device: torch.device):
     """(step function, seconds spent compiling) for one variant, already warmed up."""
     torch.manual_seed(0)
-    model = UNet(in_channels=args.channels, width=args.width).to(device).train()
+    layout = torch.contiguous_format if name.endswith("NCHW") else memory_format(device)
+    model = UNet(in_channels=args.channels, width=args.width).to(device, memory_format=layout).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    amp_dtype = None if name == "fp32" else (torch.float16 if device.type == "cuda" else torch.bfloat16)
+    amp_dtype = None if name.startswith("fp32") else (torch.float16 if device.type == "cuda" else torch.bfloat16)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     network = torch.compile(model) if name.endswith("compile") else model
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(args.batch, args.channels, size, size, generator=generator).to(device)
+    images = images.contiguous(memory_format=layout)
     masks = (torch.rand(args.batch, 1, size, size, generator=generator) > 0.97).float().to(device)
     weak = torch.zeros(args.batch, dtype=torch.bool, device=device)
 
@@ -60,7 +64,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     reduced = "fp16" if device.type == "cuda" else "bf16"
-    names = ["fp32", reduced] + ([] if args.no_compile else [f"{reduced}+compile"])
+    names = ["fp32 NCHW", "fp32", reduced] + ([] if args.no_compile else [f"{reduced}+compile"])
     print(f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {cpu_has_native_bf16()}; "
           f"U-Net width {args.width}, batch {args.batch}, {args.channels} channel(s); "
@@ -77,7 +81,7 @@ def main():
                 for _ in range(args.steps):
                     steps[name]()
                 times[name].append((time.perf_counter() - started) / args.steps)
-        base = statistics.median(times["fp32"])
+        base = statistics.median(times["fp32 NCHW"])
         for name in names:
             median = statistics.median(times[name])
             saved = base - median
@@ -85,7 +89,7 @@ def main():
             earned_back = f"{extra / saved:.0f}" if name.endswith("compile") and saved > 0 else "-"
             rows.append((size, name, median, base / median, compile_seconds[name], earned_back))
         print(f"  {size} px done, load average {os.getloadavg()[0]:.2f}", flush=True)
-    print("\n| px | variant | s/step (median) | speed-up vs fp32 | first step s | steps to earn back compile |")
+    print("\n| px | variant | s/step (median) | speed-up vs fp32 NCHW | first step s | steps to earn back compile |")
     print("| --- | --- | --- | --- | --- | --- |")
     for size, name, median, speedup, first, earned_back in rows:
         print(f"| {size} | {name} | {median:.3f} | {speedup:.2f}x | {first:.1f} | {earned_back} |")
