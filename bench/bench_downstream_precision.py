@@ -45,6 +45,8 @@ def main():
     parser.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "datasets" / "magnetic_tile")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="small")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="one of them: a run to compare later with another process's (summary.json)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "downstream_precision")
     args = parser.parse_args()
     budget = BUDGETS[args.budget]
@@ -54,7 +56,7 @@ def main():
     for seed in args.seeds:
         params = EvaluateParams(**budget["params"], seed=seed, baselines=False)
         arms = arms_for(real, budget["pairs"], seed)
-        for precision in ("fp32", "bf16"):
+        for precision in args.precisions:
             run_started = time.monotonic()
             metrics = evaluate_arms(real, arms, params, args.out / f"{precision}-seed{seed}", device="cpu",
                                     precision=precision)
@@ -72,6 +74,9 @@ def main():
     print(f"\nbudget '{args.budget}': {params['train_steps']} steps x batch {params['batch_size']} at "
           f"{params['resolution']} px, U-Net width {params['unet_width']}, {budget['pairs']} pairs per arm; "
           f"seeds {args.seeds}; mean ± standard deviation over seeds\n")
+    (args.out / "summary.json").write_text(json.dumps({f"{p}/{a}/{m}": v for (p, a, m), v in results.items()}))
+    if len(args.precisions) < 2:
+        return
     print("| arm | fp32 pixel AP | bf16 pixel AP | Δ AP | fp32 AUPRO | bf16 AUPRO | Δ AUPRO |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in metrics["arms"]:
@@ -80,8 +85,6 @@ def main():
             fp32, bf16 = results[("fp32", name, metric)], results[("bf16", name, metric)]
             cells += [spread(fp32), spread(bf16), f"{statistics.mean(bf16) - statistics.mean(fp32):+.3f}"]
         print(f"| {name} | {' | '.join(cells)} |")
-    summary = {f"{p}/{a}/{m}": v for (p, a, m), v in results.items()}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\ntotal {time.monotonic() - started:.0f} s; load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
