@@ -79,7 +79,7 @@ class SpatialControl(torch.nn.Module):
     @classmethod
     def from_unet(cls, unet: UNet2DConditionModel) -> "SpatialControl":
         """A ControlNet initialised from the UNet (one conditioning channel: the mask), fp32 for training."""
-        controlnet = ControlNetModel.from_unet(unet, conditioning_channels=1).to(unet.device, torch.float32)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_channels=1).to(unet.device)  # fp32, as built
         return cls(controlnet).to(unet.device)
 
     def save(self, folder: Path) -> None:

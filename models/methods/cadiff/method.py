@@ -52,7 +52,10 @@ def generate(
                          "describe; jobs keep the normal background ('normal')")
     sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device)
     adapter = pipeline.load_adapter(request.adapter_dir, sd)
-    defect = request.defect
+    # The job's defect (the API sets it), else the exemplars', else the adapter's only one.
+    defect = request.defect or next((e.defect for e in request.exemplars if e.defect), None)
+    if defect is None and len(adapter.defect_tokens) == 1:
+        defect = next(iter(adapter.defect_tokens))
     shapes = [e.mask for e in request.exemplars if e.defect == defect] or None  # None: every exemplar's
     for call in calls:
         items = [(request.normals[item.normal], request.target_mask(item, exemplar_masks=shapes), item.seed)

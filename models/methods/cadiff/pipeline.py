@@ -144,7 +144,8 @@ def intensity_of(seed: int, intensity: tuple[float, float]) -> float:
 class CADiffTraining:
     """The fine-tune's data, trainable parts and losses; `attached()` puts them on the shared model."""
 
-    def __init__(self, sd: StableDiffusion, images: Sequence[TrainingImage], params: CADiffParams, product: str):
+    def __init__(self, sd: StableDiffusion, images: Sequence[TrainingImage], params: CADiffParams, product: str,
+                 seed: int):
         _check_training_images(images)
         self.sd, self.params, self.product = sd, params, product
         self.defects = list(dict.fromkeys(image.defect for image in images if image.defect is not None))
@@ -153,7 +154,9 @@ class CADiffTraining:
         vectors = torch.cat([initial_vectors(sd, product.replace("_", " "), 1),
                              initial_vectors(sd, params.initializer_token, len(self.defects))])
         self.start = LearnedEmbedding(tokens, vectors)
-        self.control = SpatialControl.from_unet(sd.unet)
+        with torch.random.fork_rng(devices=[]):  # SAIM's initial weights from the run's seed: resumable
+            torch.manual_seed(seed)
+            self.control = SpatialControl.from_unet(sd.unet)
         self.scheduler = fresh_scheduler(sd)  # its noise schedule noises the training latents
 
         # Pixels, and per image two masks at model size: the anomaly's and the context's.
@@ -263,7 +266,7 @@ def finetune(
     on_progress("train", step, train_steps) follows every step and may raise to stop.
     """
     # 1. Data, tokens and the ControlNet + SAIM.
-    training = CADiffTraining(sd, images, params, product)
+    training = CADiffTraining(sd, images, params, product, seed)
 
     # 2. Train through the shared loop, everything attached to the shared model inside the block.
     with training.attached():
