@@ -29,12 +29,15 @@ class FocusSchedule:
 
     def __init__(self, token: int, intensities: torch.Tensor, masks: torch.Tensor, threshold: float):
         self.token = token  # position of the anomaly token in the prompt
-        self.intensities = intensities.float()  # (B,)
+        self.intensities = intensities.float().to(masks.device)  # (B,)
         self.masks = masks.float()  # (B, 1, h, w) latent-size, {0, 1}
         self.threshold = threshold
-        self.active = torch.zeros(len(intensities), dtype=torch.bool, device=masks.device)
+        # Kept on the CPU: every layer reads them, and must not wait for the GPU to do so.
+        self.active = torch.zeros(len(intensities), dtype=torch.bool)
+        self._reweighted = intensities.cpu() != 1
         self.started_at: list[int | None] = [None] * len(intensities)  # first re-weighted step, per pair
         self._focus_maps: list[torch.Tensor] = []
+        self._rows: dict[int, torch.Tensor] = {}
         self._step = 0
 
     @property
@@ -44,12 +47,18 @@ class FocusSchedule:
     @property
     def measuring(self) -> bool:
         """Some pair that will be re-weighted (w != 1) has not started yet."""
-        return bool((~self.active & (self.intensities != 1)).any())
+        return bool((~self.active & self._reweighted).any())
 
     def mask_rows(self, queries: int) -> torch.Tensor:
         """bool (B, queries): the mask at a square layer of `queries` cells."""
-        side = int(round(queries**0.5))
-        return F.adaptive_max_pool2d(self.masks, side).flatten(1) > 0
+        if queries not in self._rows:
+            side = int(round(queries**0.5))
+            self._rows[queries] = F.adaptive_max_pool2d(self.masks, side).flatten(1) > 0
+        return self._rows[queries]
+
+    def reweighted_rows(self, queries: int) -> torch.Tensor:
+        """bool (B, queries): the mask's cells of the pairs being re-weighted."""
+        return self.mask_rows(queries) & self.active.to(self.masks.device)[:, None]
 
     def record(self, token_attention: torch.Tensor) -> None:
         """(B, queries) attention of the conditional half to the anomaly token at one focus layer."""
@@ -64,8 +73,8 @@ class FocusSchedule:
         self._focus_maps = []
         inside = self.mask_rows(attention.shape[1])
         above = attention > attention.mean(dim=1, keepdim=True)
-        alpha = (above & inside).sum(1) / inside.sum(1).clamp(min=1)
-        starting = (alpha > self.threshold) & ~self.active & (self.intensities != 1)
+        alpha = ((above & inside).sum(1) / inside.sum(1).clamp(min=1)).cpu()  # one wait per step, while measuring
+        starting = (alpha > self.threshold) & ~self.active & self._reweighted
         for index in starting.nonzero().flatten().tolist():
             self.started_at[index] = self._step  # the next UNet call is the first re-weighted one
         self.active |= starting
@@ -90,7 +99,7 @@ class IntensityReweighting(UNetAttention):
             schedule.record(probabilities[..., schedule.token].mean(dim=1))
         if not schedule.active.any():
             return out
-        rows = schedule.mask_rows(query.shape[2]) & schedule.active[:, None]  # (B, queries)
+        rows = schedule.reweighted_rows(query.shape[2])  # (B, queries)
         weights = torch.ones_like(probabilities[:, :1, :, :])  # (B, 1, queries, keys)
         weights[..., schedule.token] = torch.where(rows, schedule.intensities[:, None], 1.0).to(weights.dtype)[:, None]
         reweighted = (probabilities * weights) @ value[cond]

@@ -209,7 +209,8 @@ class CADiffTraining:
         pixels, masks = augment(self.pixels[picks], self.masks[picks], generator, params.rotation, params.crop)
         t = torch.randint(self.scheduler.config.num_train_timesteps, (batch,), generator=generator)
         noise = torch.randn((batch, sd.latent_channels, self.latent_size, self.latent_size), generator=generator)
-        noisy = self.scheduler.add_noise(encode(sd, pixels).cpu(), noise, t)
+        noise, t = noise.to(sd.device), t.to(sd.device)
+        noisy = self.scheduler.add_noise(encode(sd, pixels), noise, t)
 
         anomaly, context = masks[:, :1], masks[:, 1:]
         has_anomaly, concepts = self.has_anomaly[picks], self.concepts[picks]
@@ -217,8 +218,8 @@ class CADiffTraining:
         text = encode_prompts(sd, self.prompts, self.tokenizer)[concepts.to(sd.device)]
         for recorder in self.recorders.values():
             recorder.clear()
-        eps = sd.unet(noisy.to(sd.device, sd.dtype), t.to(sd.device), encoder_hidden_states=text).sample
-        caldm = F.mse_loss(eps.float(), noise.to(sd.device))
+        eps = sd.unet(noisy.to(sd.dtype), t, encoder_hidden_states=text).sample
+        caldm = F.mse_loss(eps.float(), noise)
 
         # Tokens of each image's prompt: the context, then its anomaly token (absent for a normal).
         positions = torch.tensor([self._positions[c] for c in concepts.tolist()])
