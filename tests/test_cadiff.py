@@ -70,9 +70,13 @@ def test_at_initialisation_the_controlled_unet_is_the_plain_unet_and_detaching_r
             controlled = predict_noise(tiny_sd, latents, t, cond, uncond, 3.0)
             perturb_zero_layers(control)
             trained = predict_noise(tiny_sd, latents, t, cond, uncond, 3.0)
+        with control.attached(unet, sampling=True):  # the mask embedded once per run, not per call
+            sampled = [predict_noise(tiny_sd, latents, t, cond, uncond, 3.0) for _ in range(2)]
         after = predict_noise(tiny_sd, latents, t, cond, uncond, 3.0)
     assert torch.equal(controlled, plain)  # zero layers: exactly the frozen model's prediction
     assert not torch.allclose(trained, plain)  # and the control is really in the path
+    assert all(torch.equal(prediction, trained) for prediction in sampled)
+    assert not isinstance(control.controlnet.controlnet_cond_embedding, torch.nn.Identity)
     assert torch.equal(after, plain)
     assert all(torch.equal(value, before[name]) for name, value in unet.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules())

@@ -357,7 +357,7 @@ def generate(
     batches = [items[i : i + images_per_batch] for i in range(0, len(items), images_per_batch)]
     total = len(batches) * params.num_inference_steps
     results = []
-    with adapter.control.attached(sd.unet):
+    with adapter.control.attached(sd.unet, sampling=True):
         for number, batch in enumerate(batches):
             report = _step_reporter(on_progress, number * params.num_inference_steps, total)
             intensities = [intensity_of(item.seed, params.intensity) for item in batch]
@@ -388,7 +388,8 @@ def _controlled_ddim(sd, scheduler, control: SpatialControl, items: list[Generat
     latent_size = params.resolution // sd.vae_scale_factor
     steps = len(scheduler.timesteps)
     masks = torch.stack([mask_to_latent(item.target_mask, latent_size) for item in items]).to(sd.device)
-    control.condition = torch.stack([mask_to_latent(item.target_mask, params.resolution) for item in items])
+    control.condition = torch.stack([mask_to_latent(item.target_mask, params.resolution) for item in items]).to(
+        sd.device)
     noise_shape = (steps + 1, sd.latent_channels, latent_size, latent_size)
     noise = torch.stack(
         [torch.randn(noise_shape, generator=torch.Generator().manual_seed(item.seed)) for item in items]
