@@ -160,7 +160,10 @@ def test_iar_at_unit_intensity_or_never_focused_is_plain_sampling_exactly(tiny_s
                               defect="pit")
     at_once = pipeline.generate(tiny_sd, adapter, items(), params.model_copy(update={"alpha_threshold": 0.0}),
                                 defect="pit")
-    for p, u, n, a in zip(plain, unit, never, at_once):
+    whole = pipeline.generate(tiny_sd, adapter, items(), params, defect="pit", reweighting=False,
+                              background="generated")
+    for p, u, n, a, w in zip(plain, unit, never, at_once, whole):
+        assert (np.asarray(w.image) != np.asarray(p.image)).any(axis=-1).mean() > 0.5  # the paper's whole image
         assert np.array_equal(np.asarray(u.image), np.asarray(p.image))
         assert np.array_equal(np.asarray(n.image), np.asarray(p.image))
         assert u.reweighted_from is None and n.reweighted_from is None

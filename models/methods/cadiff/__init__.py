@@ -8,8 +8,6 @@ the ControlNet + SAIM, `losses.py`, the training losses and augmentation, and `i
 re-weighting), the job interface in `method.py`.
 """
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
 from models.methods.params import FinetuneParams, check_ordered
@@ -55,16 +53,11 @@ class CADiffParams(FinetuneParams):
         description="generate: re-weighting starts at the first step whose focus (share of the mask where the "
         "anomaly token's 16x16 attention is above its mean) exceeds this (1: never)",
     )
-    background: Literal["normal", "generated"] = Field(
-        default="normal",
-        description="generate: 'normal' keeps the normal image outside the mask (exactly, beyond the fade "
-        "ring); 'generated' is the paper's whole generated image, which no service label can describe: "
-        "only the Python pipeline makes it",
-    )
     mask_dilation: int = Field(
         default=3, ge=0, le=64,
         description="generate: the generated region fades into the normal image across a ring this many pixels "
-        "wide on the target mask's border, at most 3 of them outside it; beyond that every pixel is the normal's",
+        "wide on the target mask's border, at most 3 of them outside it; beyond that every pixel is the normal's "
+        "(the paper's whole generated image has no label a job could write: only the Python pipeline makes it)",
     )
 
     @model_validator(mode="after")

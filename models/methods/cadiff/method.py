@@ -47,9 +47,6 @@ def generate(
 ) -> Iterator[list[Pair]]:
     if request.adapter_dir is None:
         raise InputError("CADiff generate jobs need `adapter`: a cadiff fine-tune job id")
-    if request.params.background != "normal":
-        raise InputError("background 'generated' replaces the whole image, which no label of this service can "
-                         "describe; jobs keep the normal background ('normal')")
     sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device)
     adapter = pipeline.load_adapter(request.adapter_dir, sd)
     # The job's defect (the API sets it), else the exemplars', else the adapter's only one.

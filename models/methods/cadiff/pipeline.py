@@ -22,7 +22,8 @@ multiplies the anomaly token's attention inside the mask by w once the delayed f
 lets it. Background "normal" (default): before every step the latents outside the mask are the
 normal image's noised to that step, and the decoded region fades into the normal image across a
 `mask_dilation` ring (at most 3 px outside the mask: the label contract's band), exact beyond.
-"generated" is the paper's whole generated image.
+"generated" is the paper's whole generated image: no label describes it, so jobs never ask for
+it (it is a keyword of `generate` here, not a job parameter).
 
 Deviations from the paper, and choices where it is silent:
 - Tokens get their own `token_learning_rate` (5e-3): at the paper's 1e-5 they barely move.
@@ -43,7 +44,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -330,13 +331,16 @@ def generate(
     params: CADiffParams,
     *,
     defect: str,
+    background: Literal["normal", "generated"] = "normal",
     reweighting: bool = True,
     images_per_batch: int = 8,
     on_progress: ProgressCallback | None = None,
 ) -> list[CADiffResult]:
     """One image per (normal image, target mask, seed) item, in order, with `defect` in the mask.
 
-    reweighting: False samples without IAR (the reference the IAR tests compare against).
+    background: "normal" keeps the normal image outside the mask, "generated" is the whole generated
+    image (the paper's output). reweighting: False samples without IAR (the reference the IAR tests
+    compare against).
     on_progress("generate", steps done, steps in all) follows every denoising step.
     """
     # 1. The adapter and the items; each pair's intensity from its seed.
@@ -362,10 +366,11 @@ def generate(
             report = _step_reporter(on_progress, number * params.num_inference_steps, total)
             intensities = [intensity_of(item.seed, params.intensity) for item in batch]
             latents, schedule = _controlled_ddim(sd, scheduler, adapter.control, batch, cond, uncond, params,
-                                                 anomaly_column, intensities if reweighting else None, report)
+                                                 anomaly_column, intensities if reweighting else None, background,
+                                                 report)
             # 4. Decode: the region fades into the normal image (exact beyond), or the whole generated image.
             for index, (item, pixels) in enumerate(zip(batch, decode(sd, latents))):
-                if params.background == "normal":
+                if background == "normal":
                     image = fade_into_normal(item.normal, pixels, item.target_mask, params.mask_dilation)
                 else:
                     image = Image.fromarray(pixels_to_array(pixels, item.normal.size, item.normal.mode))
@@ -383,7 +388,8 @@ def _step_reporter(on_progress: ProgressCallback | None, steps_before: int, tota
 
 
 def _controlled_ddim(sd, scheduler, control: SpatialControl, items: list[GenerateItem], cond, uncond,
-                     params: CADiffParams, anomaly_column: int, intensities: list[float] | None, report):
+                     params: CADiffParams, anomaly_column: int, intensities: list[float] | None, background: str,
+                     report):
     """Clean latents (k, 4, h, w) and the IAR schedule (None without re-weighting)."""
     latent_size = params.resolution // sd.vae_scale_factor
     steps = len(scheduler.timesteps)
@@ -397,7 +403,7 @@ def _controlled_ddim(sd, scheduler, control: SpatialControl, items: list[Generat
 
     before_step = None
     normal_latents = None
-    if params.background == "normal":
+    if background == "normal":
         normal_latents = encode(sd, torch.stack([image_to_pixels(item.normal, params.resolution) for item in items]))
 
         def before_step(i: int, t: int, latents: torch.Tensor) -> torch.Tensor:
