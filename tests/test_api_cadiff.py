@@ -108,7 +108,7 @@ def test_finetune_on_two_defect_types_then_generate_each(acme):
 def test_a_killed_finetune_resumes_from_its_checkpoint(service_sd_dir, tmp_path):
     redis_proc, redis_url = start_redis(tmp_path / "redis")
     env = make_env(redis_url, f"file://{tmp_path / 'storage'}", SD_MODEL_DIR=str(service_sd_dir), DEVICE="cpu",
-                   OMP_NUM_THREADS="1", FINETUNE_CHECKPOINT_EVERY="5", WORKER_HEARTBEAT="1",
+                   OMP_NUM_THREADS="1", FINETUNE_CHECKPOINT_EVERY="3", WORKER_HEARTBEAT="1",
                    JOB_TIME_LIMIT="300", VISIBILITY_TIMEOUT="600")
     api, base = start_api(env, tmp_path / "api.log")
     client = client_for(base, "acme")
@@ -117,17 +117,17 @@ def test_a_killed_finetune_resumes_from_its_checkpoint(service_sd_dir, tmp_path)
     try:
         exemplars = tile_exemplars(client)
         job_id = client.post("/v1/jobs", json=finetune_body(exemplars["crack"] + exemplars["pit"],
-                                                            train_steps=24)).json()["id"]
+                                                            train_steps=15)).json()["id"]
 
-        def past_step_11():
+        def past_step_6():
             job = client.get(f"/v1/jobs/{job_id}").json()
-            return job if job["progress"]["stage"] == "training" and job["progress"]["done"] >= 12 else None
+            return job if job["progress"]["stage"] == "training" and job["progress"]["done"] >= 7 else None
 
-        wait_until(past_step_11, 90, "the fine-tune to pass step 11")
+        wait_until(past_step_6, 90, "the fine-tune to pass step 6")
         first.kill()  # SIGKILL: no chance to ack, requeue or clean up
         checkpoint = tmp_path / "storage" / "jobs" / job_id / "checkpoint" / "training_checkpoint.pt"
         checkpointed = torch.load(checkpoint, weights_only=True)["step"]
-        assert checkpointed >= 10 and checkpointed % 5 == 0
+        assert checkpointed >= 6 and checkpointed % 3 == 0
 
         second = start_worker(env, tmp_path / "worker2.log", queues="gpu", name="rescuer")
         training_steps_seen = []
