@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import ControlNetModel
+from diffusers import ControlNetModel, StableDiffusionPipeline
 from safetensors.torch import load_file
 from scipy import ndimage
 
@@ -129,13 +129,19 @@ def test_augmentation_moves_image_and_masks_together():
     assert disagreement < 0.02  # only along the square's edges (bilinear image, nearest mask)
 
 
-def test_the_adapter_is_in_library_formats(adapter_dir, tiny_sd):
+def test_the_adapter_is_in_library_formats(adapter_dir, tiny_sd, tiny_sd_dir):
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert config["method"] == "cadiff" and config["template"] == "a photo of {context} with {anomaly}"
     assert config["defect_tokens"] == {"crack": "<cadiff-anomaly-0>", "pit": "<cadiff-anomaly-1>"}
     entries = load_file(adapter_dir / "learned_embeds.safetensors")
     assert set(entries) == {"<cadiff-context>", "<cadiff-anomaly-0>", "<cadiff-anomaly-1>"}
     assert all(vector.shape == (tiny_sd.text_encoder.config.hidden_size,) for vector in entries.values())
+    # Plain diffusers loads both: the tokens one entry each, the ControlNet as saved.
+    sd_pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    sd_pipeline.load_textual_inversion([{token: vector} for token, vector in entries.items()], token=list(entries))
+    ids = sd_pipeline.tokenizer.convert_tokens_to_ids(list(entries))
+    table = sd_pipeline.text_encoder.get_input_embeddings().weight
+    assert all(torch.equal(table[i], vector) for i, vector in zip(ids, entries.values()))
     controlnet = ControlNetModel.from_pretrained(adapter_dir / "controlnet")
     assert controlnet.config.conditioning_channels == 1
     with pytest.raises(InputError, match="learnt no defect 'dent'"):

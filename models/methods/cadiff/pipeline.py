@@ -179,8 +179,10 @@ class CADiffTraining:
                                                        resolutions={self.latent_size // FOCUS_DOWNSAMPLE})}
         self.recorders = {layer.name: TokenAttentionRecorder(keep_hidden=layer.name in focus)
                           for layer in self.cross_layers}
+        # Set inside `attached()`: the extended tokenizer, the token module, each prompt's token columns.
         self.tokenizer = None
         self.embedding = None
+        self._positions: list[tuple[int, int]] = []
 
     def run_description(self) -> dict:
         """What a checkpoint must have been made with to be resumed."""
