@@ -293,8 +293,8 @@ def finetune(
         exemplars=int(training.has_anomaly.sum()), normals=int((~training.has_anomaly).sum()),
         params=params.model_dump(mode="json"),
     )
-    return CADiffAdapter(embedding, training.control.eval().requires_grad_(False), dict(training.defect_tokens),
-                         {"template": PROMPT_TEMPLATE})
+    control = training.control.to(sd.dtype).eval().requires_grad_(False)  # as `load_adapter` gives it
+    return CADiffAdapter(embedding, control, dict(training.defect_tokens), {"template": PROMPT_TEMPLATE})
 
 
 @dataclass
@@ -308,7 +308,7 @@ class CADiffAdapter:
         if defect not in self.defect_tokens:
             known = ", ".join(sorted(self.defect_tokens))
             raise InputError(f"the adapter learnt no defect {defect!r}; it knows: {known}")
-        return self.config["template"].format(context=CONTEXT_TOKEN, anomaly=self.defect_tokens[defect])
+        return self.config["template"].format(context=self.embedding.tokens[0], anomaly=self.defect_tokens[defect])
 
 
 def load_adapter(folder: str | Path, sd: StableDiffusion) -> CADiffAdapter:
