@@ -199,6 +199,21 @@ def test_iar_above_unit_intensity_changes_only_the_masks_attention(tiny_sd):
     assert not changed[3].any()  # a pair not switched on: nothing
 
 
+def test_the_delayed_focus_scheduler_starts_a_pair_once_its_token_covers_enough_of_the_mask():
+    masks = torch.zeros(2, 1, 8, 8)
+    masks[:, :, :4, :4] = 1  # 16 of 64 cells, all in the top half
+    schedule = FocusSchedule(token=5, intensities=torch.tensor([1.5, 1.5]), masks=masks, threshold=0.75)
+    bottom_half_high = torch.arange(64.0)  # an 8x8 focus map, above its mean on the bottom half only
+    top_half_high = bottom_half_high.flip(0)
+    schedule.record(torch.stack([bottom_half_high, top_half_high]))  # alpha: pair 0 is 0, pair 1 is 1
+    schedule.end_step()
+    assert schedule.started_at == [None, 1] and schedule.active.tolist() == [False, True]
+    assert schedule.measuring  # pair 0 is still waiting
+    schedule.record(torch.stack([top_half_high, top_half_high]))
+    schedule.end_step()
+    assert schedule.started_at == [2, 1] and not schedule.measuring
+
+
 def test_finetune_resumes_from_its_checkpoint(tiny_sd, tmp_path):
     params = CADiffParams(**{**TINY, "batch_size": 2}, train_steps=4)
 
@@ -215,5 +230,6 @@ def test_finetune_resumes_from_its_checkpoint(tiny_sd, tmp_path):
                       checkpoints=checkpoints, on_progress=lambda _s, done, _t: progress.append(done))
     assert progress == [3, 4]  # on from the step-2 checkpoint
     pipeline.finetune(tiny_sd, exemplars(), params, product="tile", seed=1, out_dir=tmp_path / "b")
-    resumed, uninterrupted = (load_file(tmp_path / name / "saim.safetensors") for name in ("a", "b"))
-    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in uninterrupted)
+    for file in ("saim.safetensors", "learned_embeds.safetensors", "controlnet/diffusion_pytorch_model.safetensors"):
+        resumed, uninterrupted = (load_file(tmp_path / run / file) for run in ("a", "b"))
+        assert all(torch.equal(resumed[key], uninterrupted[key]) for key in uninterrupted), file
