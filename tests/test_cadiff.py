@@ -187,7 +187,7 @@ def test_iar_above_unit_intensity_changes_only_the_masks_attention(tiny_sd):
     context = torch.randn(4, 77, attn.to_k.in_features, generator=generator)
     masks = torch.zeros(2, 1, 8, 8)
     masks[:, :, 2:5, 3:7] = 1
-    schedule = FocusSchedule(token=5, intensities=torch.tensor([2.0, 1.0]), masks=masks, threshold=0.5)
+    schedule = FocusSchedule(token=5, intensities=torch.tensor([2.0, 1.0]), masks=masks, threshold=0.5, steps=4)
     schedule.active[0] = True  # as after the scheduler switched pair 0 on (it never does a w = 1 pair)
     with torch.no_grad():
         plain = UNetAttention()(attn, hidden, context)
@@ -202,7 +202,7 @@ def test_iar_above_unit_intensity_changes_only_the_masks_attention(tiny_sd):
 def test_the_delayed_focus_scheduler_starts_a_pair_once_its_token_covers_enough_of_the_mask():
     masks = torch.zeros(2, 1, 8, 8)
     masks[:, :, :4, :4] = 1  # 16 of 64 cells, all in the top half
-    schedule = FocusSchedule(token=5, intensities=torch.tensor([1.5, 1.5]), masks=masks, threshold=0.75)
+    schedule = FocusSchedule(token=5, intensities=torch.tensor([1.5, 1.5]), masks=masks, threshold=0.75, steps=3)
     bottom_half_high = torch.arange(64.0)  # an 8x8 focus map, above its mean on the bottom half only
     top_half_high = bottom_half_high.flip(0)
     schedule.record(torch.stack([bottom_half_high, top_half_high]))  # alpha: pair 0 is 0, pair 1 is 1
@@ -212,6 +212,10 @@ def test_the_delayed_focus_scheduler_starts_a_pair_once_its_token_covers_enough_
     schedule.record(torch.stack([top_half_high, top_half_high]))
     schedule.end_step()
     assert schedule.started_at == [2, 1] and not schedule.measuring
+    late = FocusSchedule(token=5, intensities=torch.tensor([1.5, 1.5]), masks=masks, threshold=0.75, steps=1)
+    late.record(torch.stack([top_half_high, top_half_high]))
+    late.end_step()  # after the last step: nothing is left to re-weight
+    assert late.started_at == [None, None]
 
 
 def test_finetune_resumes_from_its_checkpoint(tiny_sd, tmp_path):

@@ -27,8 +27,9 @@ FOCUS_DOWNSAMPLE = 4  # SD's 16x16 layers at a 64x64 latent
 class FocusSchedule:
     """Per-pair state of IAR over one sampling run: intensities, masks, focus and whether it is on."""
 
-    def __init__(self, token: int, intensities: torch.Tensor, masks: torch.Tensor, threshold: float):
+    def __init__(self, token: int, intensities: torch.Tensor, masks: torch.Tensor, threshold: float, steps: int):
         self.token = token  # position of the anomaly token in the prompt
+        self.steps = steps  # UNet calls in the run: none starts after the last
         self.intensities = intensities.float().to(masks.device)  # (B,)
         self.masks = masks.float()  # (B, 1, h, w) latent-size, {0, 1}
         self.threshold = threshold
@@ -67,7 +68,8 @@ class FocusSchedule:
     def end_step(self) -> None:
         """After a UNet call: measure alpha_t, and switch on the pairs whose focus exceeds the threshold."""
         self._step += 1
-        if not self._focus_maps:
+        if not self._focus_maps or self._step >= self.steps:
+            self._focus_maps = []
             return
         attention = torch.stack(self._focus_maps).mean(0)  # (B, queries), the mean over the focus layers
         self._focus_maps = []

@@ -414,7 +414,7 @@ def _controlled_ddim(sd, scheduler, control: SpatialControl, items: list[Generat
     schedule, processors = None, {}
     if intensities is not None:
         schedule = FocusSchedule(anomaly_column, torch.tensor(intensities, device=sd.device), masks,
-                                 params.alpha_threshold)
+                                 params.alpha_threshold, steps)
         focus = {layer.name for layer in select_layers(sd.unet, kind="cross", latent_size=latent_size,
                                                        resolutions={latent_size // FOCUS_DOWNSAMPLE})}
         processors = {layer.name: IntensityReweighting(schedule, focus=layer.name in focus)
