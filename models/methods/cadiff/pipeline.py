@@ -37,6 +37,8 @@ Deviations from the paper, and choices where it is silent:
   exceeds the threshold (alpha_t is known only once the step's attention has been computed).
 - Exemplars' foreground (models.masks.sampling.foreground_mask) minus their anomaly masks is the
   context token's L_loc target: "the product region outside the anomaly masks".
+- The contrastive views are the batch's own samples, each augmented on its own (no second view
+  of each image, which would double the UNet batch). Gradients are clipped at norm 1.
 - Each output's noise comes from its seed alone, so an output does not depend on its batch.
 """
 
