@@ -58,7 +58,7 @@ def generate(
     sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device)
     convnext = load_convnext(request.weight_dirs.get("CONVNEXT_MODEL_DIR"), sd.device)
     adapter = pipeline.load_adapter(request.adapter_dir, sd, convnext)
-    defect = request.defect or ""
+    defect = request.defect or (request.exemplars[0].defect if request.exemplars else None) or ""
     adapter.defect_index(defect)  # a defect type the adapter did not learn fails before any work
     own_masks = [e.mask for e in request.exemplars if e.defect == defect] or None
 
