@@ -14,8 +14,8 @@ from PIL import Image
 
 from models.diffusion.loading import load_sd
 from models.diffusion.tiny import build_tiny_sd
-from models.diffusion.tiny_convnext import build_random_convnext
 from models.diffusion.tiny_blip2 import build_random_blip2
+from models.diffusion.tiny_convnext import build_random_convnext
 
 TINY_RESOLUTION = 64  # the smallest resolution the params allow; latents are 8x8
 

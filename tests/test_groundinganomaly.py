@@ -103,8 +103,7 @@ def test_with_closed_gates_and_zero_lora_the_unet_predicts_as_frozen_and_is_rest
 def test_training_moves_gates_lora_and_the_scm_and_nothing_frozen_gets_a_gradient(tiny_sd, trained):
     adapter, folder, convnext_before = trained
     assert not torch.all(adapter.gated.gammas() == 0)
-    _, lora = adapter.lora
-    assert any(key.endswith("lora_B.weight") and value.abs().sum() > 0 for key, value in lora.items())
+    assert any(key.endswith("lora_B.weight") and value.abs().sum() > 0 for key, value in adapter.lora_weights.items())
     assert any(not torch.equal(value, convnext_before[key]) for key, value in adapter.scm.convnext.state_dict().items())
     for module in (tiny_sd.unet, tiny_sd.vae, tiny_sd.text_encoder):
         assert all(p.grad is None and not p.requires_grad for p in module.parameters())

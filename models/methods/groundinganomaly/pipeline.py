@@ -46,6 +46,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -113,7 +114,8 @@ class LoadedAdapter:
 
     scm: SpatialConditioning
     gated: GatedBlocks
-    lora: tuple  # (LoraConfig, state dict)
+    lora: LoraConfig
+    lora_weights: dict[str, torch.Tensor] | None  # peft's state dict; None: freshly initialised
     mask_embeddings: LearnedEmbedding  # one token per defect type, in `defects` order
     config: dict
 
@@ -251,7 +253,7 @@ def finetune(
         "seed": seed, "exemplars": anomalous, "normals": normal, "params": params.model_dump(mode="json"),
     }
     write_adapter_config(out_dir, METHOD, **config)
-    return LoadedAdapter(scm, gated, (lora, trained_lora), mask_embeddings, {"method": METHOD, **config})
+    return LoadedAdapter(scm, gated, lora, trained_lora, mask_embeddings, {"method": METHOD, **config})
 
 
 def load_adapter(folder: str | Path, sd: StableDiffusion, convnext) -> LoadedAdapter:
@@ -272,7 +274,7 @@ def load_adapter(folder: str | Path, sd: StableDiffusion, convnext) -> LoadedAda
         vectors = load_file(folder / MASK_EMBEDDINGS_FILE)[config["mask_tokens"][0]].float()
     except (KeyError, ValueError, RuntimeError, FileNotFoundError) as error:
         raise InputError(f"the adapter does not fit these models: {error}") from None
-    return LoadedAdapter(scm.to(sd.device).eval(), gated.to(sd.device).eval(), load_lora(folder),
+    return LoadedAdapter(scm.to(sd.device).eval(), gated.to(sd.device).eval(), *load_lora(folder),
                          LearnedEmbedding(list(config["mask_tokens"]), vectors), config)
 
 
@@ -326,7 +328,8 @@ def generate(
     # 3. DDIM with guidance; the normal image's latents kept outside the region at every step.
     gligen = {"gligen": {"stage_features": features}}
     autocast = torch.autocast(sd.device.type, dtype=torch.float16, enabled=sd.dtype == torch.float16)
-    with attached(sd.unet, adapter.gated, adapter.scm.fusion, *adapter.lora), torch.no_grad(), autocast:
+    with attached(sd.unet, adapter.gated, adapter.scm.fusion, adapter.lora, adapter.lora_weights), \
+            torch.no_grad(), autocast:
         for i, t in enumerate(timesteps):
             if background == "normal":
                 latents = noised(scheduler, normal_latents, noise[:, i + 1], t) * (1 - region) + latents * region
