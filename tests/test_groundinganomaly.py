@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter
+from safetensors.torch import load_file
 
 from models.diffusion.images import decode, encode, fade_into_normal, image_to_pixels
+from models.diffusion.training import CHECKPOINT_FILE
 from models.errors import InputError
 from models.masks.sampling import foreground_mask
 from models.methods.groundinganomaly import GroundingAnomalyParams, method, pipeline
@@ -19,7 +21,7 @@ from models.methods.groundinganomaly.scm import (
     load_convnext,
     semantic_map,
 )
-from models.methods.interface import Exemplar, GenerateRequest, NormalImages, job_items
+from models.methods.interface import Checkpoints, Exemplar, GenerateRequest, NormalImages, job_items
 from models.methods.params import MaskSpec
 from tests.conftest import product_image
 from tests.diffusion_fixtures import TINY_RESOLUTION, box_mask
@@ -166,3 +168,28 @@ def test_fine_tune_needs_normals_unless_the_normal_fraction_is_zero(tiny_sd, con
     alone = TINY.model_copy(update={"normal_fraction": 0.0, "train_steps": 1, "mask_train_steps": 1})
     adapter = pipeline.finetune(tiny_sd, convnext, exemplars, [], alone, product="tile", seed=0, out_dir=tmp_path)
     assert adapter.defects == ["crack", "hole"]
+
+
+def test_a_fine_tune_stopped_mid_training_resumes_to_the_same_adapter(tiny_sd, tiny_convnext_dir, exemplars, tmp_path):
+    params = TINY.model_copy(update={"train_steps": 4, "mask_train_steps": 2})
+    normals = [product(3)]
+
+    def run(out_dir, checkpoints=None, on_progress=None):
+        convnext = load_convnext(str(tiny_convnext_dir), tiny_sd.device)
+        return pipeline.finetune(tiny_sd, convnext, exemplars, normals, params, product="tile", seed=7,
+                                 out_dir=out_dir, checkpoints=checkpoints, on_progress=on_progress)
+
+    def stop_at_step_3(stage, done, _total):
+        if stage == "training" and done == 3:
+            raise KeyboardInterrupt
+
+    checkpoints = Checkpoints(tmp_path / "checkpoints", every=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "stopped", checkpoints, stop_at_step_3)
+    assert (tmp_path / "checkpoints" / "gsm" / CHECKPOINT_FILE).is_file()
+    resumed, whole = run(tmp_path / "resumed", checkpoints), run(tmp_path / "whole")
+    for name in ("gsm.safetensors", "scm.safetensors", "learned_embeds.safetensors", "mask_embeds.safetensors",
+                 "lora/adapter_model.safetensors"):
+        first, second = load_file(tmp_path / "resumed" / name), load_file(tmp_path / "whole" / name)
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), name
+    assert resumed.defects == whole.defects

@@ -195,8 +195,6 @@ def finetune(
     words = ["background", product, *defects]
     tokens = torch.cat([initial_vectors(sd, word, 1) for word in words])
     width = sd.unet.config.cross_attention_dim
-    scm = SpatialConditioning(tokens, convnext, width).to(sd.device).train()
-    gated = GatedBlocks(sd.unet, width).to(sd.device).train()
     lora = lora_config(params.lora_rank)
     scheduler = fresh_scheduler(sd)
     anomalous, normal = len(exemplars), len(normals)
@@ -223,14 +221,20 @@ def finetune(
 
     run = {"method": METHOD, "params": params.model_dump(mode="json"), "product": product, "defects": defects,
            "latents_shape": list(latents.shape), "exemplars": anomalous, "normals": normal}
-    with attached(sd.unet, gated, scm.fusion, lora) as lora_parameters:
-        trainables = {"scm": scm, "gsm": gated, **{f"lora.{i}": p for i, p in enumerate(lora_parameters)}}
-        optimizer = torch.optim.AdamW([*scm.parameters(), *gated.parameters(), *lora_parameters],
-                                      lr=params.learning_rate)
-        train(trainables, optimizer, loss_at, steps=params.train_steps, seed=seed, run=run, device=sd.device,
-              mixed_precision=sd.dtype == torch.float16, checkpoints=_stage_checkpoints(checkpoints, "gsm"),
-              on_step=lambda done, total: report("training", done, total))
-        trained_lora = lora_state(sd.unet)
+    # The new layers (stem, SFF, fusers, LoRA's A) start from the job's seed, so that a resumed run
+    # starts as the uninterrupted one did; the global random state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        scm = SpatialConditioning(tokens, convnext, width).to(sd.device).train()
+        gated = GatedBlocks(sd.unet, width).to(sd.device).train()
+        with attached(sd.unet, gated, scm.fusion, lora) as lora_parameters:
+            trainables = {"scm": scm, "gsm": gated, **{f"lora.{i}": p for i, p in enumerate(lora_parameters)}}
+            optimizer = torch.optim.AdamW([*scm.parameters(), *gated.parameters(), *lora_parameters],
+                                          lr=params.learning_rate)
+            train(trainables, optimizer, loss_at, steps=params.train_steps, seed=seed, run=run, device=sd.device,
+                  mixed_precision=sd.dtype == torch.float16, checkpoints=_stage_checkpoints(checkpoints, "gsm"),
+                  on_step=lambda done, total: report("training", done, total))
+            trained_lora = lora_state(sd.unet)
     scm.eval()
     gated.eval()
 
