@@ -4,7 +4,8 @@
   images (MNT); the product is the exemplars' (one job per product).
 - Generate: the job's `defect` must be one the adapter learnt. Target masks come from the job's
   mask source: 'exemplar' (the default) jitters the masks of the job's exemplars of that defect
-  type (all of them if none has it); 'learned' samples the adapter's mask embedding of it.
+  type (all of them if none has it); 'learned' samples the adapter's mask embedding of it, the
+  masks of a call in one batch, each from its own item's seed.
 - Calls: up to PAIRS_PER_CALL items, in one UNet batch.
 """
 
@@ -28,6 +29,11 @@ from models.methods.interface import (
 
 PAIRS_PER_CALL = 8
 MASK_SAMPLING = "sampling the learned masks"
+
+
+def mask_seed(item: Item) -> int:
+    """The seed of an item's learned mask: its own, so that its mask does not depend on its call."""
+    return int(np.random.SeedSequence([item.seed, 1]).generate_state(1)[0])
 
 
 def finetune(request: FinetuneRequest, on_progress: ProgressCallback) -> dict:
@@ -62,15 +68,14 @@ def generate(
     adapter.defect_index(defect)  # a defect type the adapter did not learn fails before any work
     own_masks = [e.mask for e in request.exemplars if e.defect == defect] or None
 
-    def learned_mask(rng: np.random.Generator) -> np.ndarray:
-        return pipeline.sample_mask(sd, adapter, defect, int(rng.integers(2**32)), request.params)
-
     for call in calls:
+        sampled = [None] * len(call)  # the call's learned masks, sampled in one batch
         if request.masks.source == "learned":
             on_progress(MASK_SAMPLING, 0, len(call))
-        items = [(request.normals[item.normal], request.target_mask(item, exemplar_masks=own_masks,
-                                                                     learned=learned_mask), item.seed)
-                 for item in call]
+            sampled = pipeline.sample_masks(sd, adapter, defect, [mask_seed(item) for item in call], request.params)
+        items = [(request.normals[item.normal],
+                  request.target_mask(item, exemplar_masks=own_masks, learned=lambda _rng, mask=mask: mask),
+                  item.seed) for item, mask in zip(call, sampled)]
         results = pipeline.generate(
             sd, adapter, items, request.params, defect=defect,
             on_progress=lambda _stage, done, total: on_progress(GENERATING, done, total),

@@ -362,10 +362,11 @@ def generate(
 
 
 @torch.no_grad()
-def sample_mask(sd: StableDiffusion, adapter: LoadedAdapter, defect: str, seed: int,
-                params: GroundingAnomalyParams) -> np.ndarray:
-    """bool (resolution, resolution): a mask of `defect` sampled from its mask embedding (plain SD,
-    full DDIM schedule, guided), thresholded at Otsu's level on its brightest part; never empty."""
+def sample_masks(sd: StableDiffusion, adapter: LoadedAdapter, defect: str, seeds: Sequence[int],
+                 params: GroundingAnomalyParams) -> list[np.ndarray]:
+    """bool (resolution, resolution) masks of `defect`, one per seed, sampled in one batch from its
+    mask embedding (plain SD, the full DDIM schedule, guided) and thresholded at Otsu's level on
+    their brightest part: never empty."""
     embedding = adapter.mask_embeddings
     token = embedding.tokens[adapter.defect_index(defect)]
     with placeholder_tokens(sd, embedding) as (tokenizer, _):
@@ -373,11 +374,16 @@ def sample_mask(sd: StableDiffusion, adapter: LoadedAdapter, defect: str, seed: 
     scheduler = fresh_scheduler(sd)
     scheduler.set_timesteps(params.num_inference_steps)
     latent_size = params.resolution // sd.vae_scale_factor
-    latents = torch.randn((1, sd.latent_channels, latent_size, latent_size),
-                          generator=torch.Generator().manual_seed(seed)).to(sd.device)
-    latents = ddim_sample(sd, scheduler, latents, cond, uncond, params.guidance_scale)
-    gray = ((decode(sd, latents)[0].mean(dim=0) + 1) * 127.5).cpu().numpy()
-    return gray >= min(otsu_threshold(gray), float(gray.max()))
+    shape = (sd.latent_channels, latent_size, latent_size)
+    latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+    count = len(seeds)
+    latents = ddim_sample(sd, scheduler, latents.to(sd.device), cond.expand(count, -1, -1),
+                          uncond.expand(count, -1, -1), params.guidance_scale)
+    masks = []
+    for pixels in decode(sd, latents):
+        gray = ((pixels.mean(dim=0) + 1) * 127.5).cpu().numpy()
+        masks.append(gray >= min(otsu_threshold(gray), float(gray.max())))
+    return masks
 
 
 def _mask_token(k: int) -> str:
