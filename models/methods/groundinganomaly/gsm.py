@@ -1,7 +1,8 @@
 """The Gated Self-Attention Module (GSM) and the LoRA beside it, attached to the shared UNet.
 
 - GSM: one diffusers `GatedSelfAttentionDense` per `BasicTransformerBlock` of the UNet (down,
-  mid and up), set as the block's `fuser`: GLIGEN's layer, which concatenates the visual tokens
+  mid and up), set as the block's `fuser` (applied to the grounded rows of a batch only, see
+  GroundedRowsGatedSelfAttention): GLIGEN's layer, which concatenates the visual tokens
   with the grounding tokens, self-attends, and adds the visual part back scaled by tanh(gamma)
   (then a gated feed-forward), both gammas starting at 0. The block calls its fuser when the UNet
   is called with `cross_attention_kwargs={"gligen": ...}`, after the UNet's `position_net` (the
@@ -46,6 +47,18 @@ def lora_config(rank: int) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=True)
 
 
+class GroundedRowsGatedSelfAttention(GatedSelfAttentionDense):
+    """diffusers' GLIGEN layer on the batch's last len(objs) rows only; the rows before pass untouched.
+    With classifier-free guidance batched as [unconditional | conditional] in one UNet call, the
+    gated blocks are thus off for the unconditional half, exactly, and cost it nothing."""
+
+    def forward(self, x: torch.Tensor, objs: torch.Tensor) -> torch.Tensor:
+        grounded = objs.shape[0]
+        if grounded == x.shape[0]:
+            return super().forward(x, objs)
+        return torch.cat([x[:-grounded], super().forward(x[-grounded:], objs)])
+
+
 class GatedBlocks(torch.nn.Module):
     """A GatedSelfAttentionDense per transformer block, each sized like its block's self-attention."""
 
@@ -55,7 +68,7 @@ class GatedBlocks(torch.nn.Module):
         fusers = []
         for name in self.blocks:
             attn = unet.get_submodule(name).attn1
-            fusers.append(GatedSelfAttentionDense(attn.to_q.in_features, token_width, attn.heads,
+            fusers.append(GroundedRowsGatedSelfAttention(attn.to_q.in_features, token_width, attn.heads,
                                                   attn.inner_dim // attn.heads))
         self.fusers = torch.nn.ModuleList(fusers)
 

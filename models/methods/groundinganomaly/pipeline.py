@@ -21,7 +21,8 @@ Generate, per item (normal image, target mask, seed):
 2. NDI: the normal image's latents noised to `strength` of the schedule; DDIM from there over the
    rest of the `num_inference_steps` schedule (so fewer steps run, as diffusers' img2img counts
    them), classifier-free guided: conditional = prompt + gated blocks on the grounding tokens,
-   unconditional = empty prompt, gated blocks off (two UNet calls: the fusers act on a whole call).
+   unconditional = empty prompt, gated blocks off (both halves in one UNet call, the fusers acting
+   on the conditional rows only).
 3. Background "normal" (the service's): before every step the latents outside the target mask,
    dilated by one latent cell, are the normal image's noised to that step; decoded, the
    generated region fades into the normal image across `mask_dilation` pixels, at most 3 outside
@@ -62,7 +63,7 @@ from models.diffusion.images import (
     pixels_to_array,
 )
 from models.diffusion.loading import StableDiffusion, fresh_scheduler
-from models.diffusion.sampling import alpha_bar, ddim_move, ddim_sample, encode_prompts, noised, previous_timestep
+from models.diffusion.sampling import ddim_sample, encode_prompts, noised
 from models.diffusion.textual_inversion import (
     LearnedEmbedding,
     initial_vectors,
@@ -314,38 +315,34 @@ def generate(
         features = adapter.scm.stage_features(maps)
         text, empty = encode_prompts(sd, [PROMPT.format(product=adapter.product, defect=defect), ""]).chunk(2)
     count = len(items)
-    cond, uncond = text.expand(count, -1, -1), empty.expand(count, -1, -1)
 
-    # 2. NDI: the normal latents noised to `strength`, and the schedule's remaining timesteps.
+    # 2. NDI: the normal latents noised to `strength`, and the schedule's remaining timesteps
+    #    (diffusers' img2img count: int(steps * strength) of them).
     scheduler = fresh_scheduler(sd)
     scheduler.set_timesteps(params.num_inference_steps)
-    steps = round(params.num_inference_steps * params.strength)
-    timesteps = scheduler.timesteps[len(scheduler.timesteps) - steps:].tolist() if steps else []
+    steps = int(params.num_inference_steps * params.strength)
+    scheduler.timesteps = scheduler.timesteps[len(scheduler.timesteps) - steps:]
     normal_latents = encode(sd, torch.stack([image_to_pixels(item.normal, resolution) for item in items]))
     noise_shape = (steps + 1, *normal_latents.shape[1:])
     noise = torch.stack([torch.randn(noise_shape, generator=torch.Generator().manual_seed(item.seed))
                          for item in items]).to(sd.device)
     masks = torch.stack([mask_to_latent(item.target_mask, latent_size) for item in items]).to(sd.device)
     region = F.max_pool2d(masks, 3, stride=1, padding=1)  # the mask dilated by one latent cell
-    latents = noised(scheduler, normal_latents, noise[:, 0], timesteps[0]) if steps else normal_latents
+    start = noised(scheduler, normal_latents, noise[:, 0], int(scheduler.timesteps[0])) if steps else normal_latents
 
-    # 3. DDIM with guidance; the normal image's latents kept outside the region at every step.
-    gligen = {"gligen": {"stage_features": features}}
+    def keep_normal_outside(i: int, t: int, latents: torch.Tensor) -> torch.Tensor:
+        return noised(scheduler, normal_latents, noise[:, i + 1], t) * (1 - region) + latents * region
+
+    # 3. DDIM with guidance in one UNet call per step: [unconditional | conditional], the grounding
+    #    tokens (and so the gated blocks) for the conditional half only.
+    report = (lambda done, total: on_progress("generate", done, total)) if on_progress else None
     autocast = torch.autocast(sd.device.type, dtype=torch.float16, enabled=sd.dtype == torch.float16)
-    with attached(sd.unet, adapter.gated, adapter.scm.fusion, adapter.lora, adapter.lora_weights), \
-            torch.no_grad(), autocast:
-        for i, t in enumerate(timesteps):
-            if background == "normal":
-                latents = noised(scheduler, normal_latents, noise[:, i + 1], t) * (1 - region) + latents * region
-            step = torch.full((count,), t, device=sd.device)
-            eps = sd.unet(latents.to(sd.dtype), step, cond, cross_attention_kwargs=gligen).sample.float()
-            if params.guidance_scale != 1.0:
-                eps_uncond = sd.unet(latents.to(sd.dtype), step, uncond).sample.float()
-                eps = eps_uncond + params.guidance_scale * (eps - eps_uncond)
-            latents = ddim_move(latents, eps, alpha_bar(scheduler, t),
-                                alpha_bar(scheduler, previous_timestep(scheduler, t)))
-            if on_progress is not None:
-                on_progress("generate", i + 1, steps)
+    with attached(sd.unet, adapter.gated, adapter.scm.fusion, adapter.lora, adapter.lora_weights), autocast:
+        latents = ddim_sample(
+            sd, scheduler, start, text.expand(count, -1, -1), empty.expand(count, -1, -1), params.guidance_scale,
+            before_step=keep_normal_outside if background == "normal" else None, on_step=report,
+            cross_attention_kwargs={"gligen": {"stage_features": features}},
+        )
     if background == "normal":
         latents = normal_latents * (1 - region) + latents * region
 
