@@ -81,7 +81,7 @@ def compare_with_anogen(sd: StableDiffusion, adapter, resolution: int, steps: in
     params = GroundingAnomalyParams(resolution=resolution, num_inference_steps=steps, guidance_scale=guidance,
                                     strength=strength)
     _, normal = scene(resolution)
-    print(f"{steps} steps in the schedule; NDI at strength {strength} runs {round(steps * strength)} of them")
+    print(f"{steps} steps in the schedule; NDI at strength {strength} runs {int(steps * strength)} of them")
     for batch in batches:
         items = [(normal, target_mask(resolution, n), n) for n in range(batch)]
         run_anogen = anogen_runner(sd, resolution, steps, guidance, items)

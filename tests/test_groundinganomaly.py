@@ -136,6 +136,9 @@ def test_ndi_at_strength_zero_gives_the_normal_image_back(tiny_sd, tiny_convnext
     assert not np.array_equal(np.asarray(painted.image), np.asarray(expected))
     far = ~np.asarray(Image.fromarray(mask).filter(ImageFilter.MaxFilter(7)))  # beyond the 3 px band
     assert np.array_equal(np.asarray(painted.image)[far], np.asarray(normal)[far])
+    # The paper's whole generated image (no labelled pair): the background is generated too.
+    whole = pipeline.generate(tiny_sd, adapter, [(normal, mask, 1)], TINY, defect="hole", background="generated")[0]
+    assert not np.array_equal(np.asarray(whole.image)[far], np.asarray(normal)[far])
 
 
 def test_learned_masks_are_binary_non_empty_and_on_the_foreground(tiny_sd, tiny_sd_dir, tiny_convnext_dir, trained):
