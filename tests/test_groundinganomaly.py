@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from models.diffusion.images import decode, encode, fade_into_normal, image_to_pixels
 from models.diffusion.training import CHECKPOINT_FILE
 from models.errors import InputError
-from models.masks.sampling import foreground_mask
+from models.masks.sampling import foreground_mask, sample_target_mask
 from models.methods.groundinganomaly import GroundingAnomalyParams, method, pipeline
 from models.methods.groundinganomaly.gsm import GatedBlocks, attached, lora_config, lora_state
 from models.methods.groundinganomaly.scm import (
@@ -203,3 +203,16 @@ def test_a_fine_tune_stopped_mid_training_resumes_to_the_same_adapter(tiny_sd, t
         first, second = load_file(tmp_path / "resumed" / name), load_file(tmp_path / "whole" / name)
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), name
     assert resumed.defects == whole.defects
+
+
+def test_the_learned_source_places_the_sampled_shape_on_the_foreground():
+    foreground = box_mask(SIZE, SIZE, (32, 0, 64, 64))
+    sampled = box_mask(128, 128, (10, 10, 40, 30))  # at twice the image's size: 30 x 20 px -> 15 x 10 px
+    rng = np.random.default_rng(0)
+    mask = sample_target_mask(MaskSpec(source="learned"), "learned", rng, (SIZE, SIZE), foreground=foreground,
+                              learned=lambda _rng: sampled)
+    rows, cols = np.nonzero(mask)
+    assert mask.sum() == 150 and {np.ptp(rows) + 1, np.ptp(cols) + 1} == {10, 15}
+    assert not (mask & ~foreground).any()
+    with pytest.raises(ValueError, match="learned mask model"):
+        sample_target_mask(MaskSpec(source="learned"), "learned", rng, (SIZE, SIZE))
