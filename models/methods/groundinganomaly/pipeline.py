@@ -224,8 +224,8 @@ def finetune(
            "latents_shape": list(latents.shape), "exemplars": anomalous, "normals": normal}
     # The new layers (stem, SFF, fusers, LoRA's A) start from the job's seed, so that a resumed run
     # starts as the uninterrupted one did; the global random state is left as it was.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the CPU generator, which initialises new layers
+        torch.default_generator.manual_seed(seed)
         scm = SpatialConditioning(tokens, convnext, width).to(sd.device).train()
         gated = GatedBlocks(sd.unet, width).to(sd.device).train()
         with attached(sd.unet, gated, scm.fusion, lora) as lora_parameters:
@@ -394,6 +394,7 @@ def _mask_image(mask: np.ndarray) -> Image.Image:
 def _flipped(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """Each of a batch (B, ..., H, W) flipped left-right and/or upside down by its row of flips (B, 2)."""
     shape = (-1,) + (1,) * (x.dim() - 1)
+    flips = flips.to(x.device)
     x = torch.where(flips[:, 0].view(shape), x.flip(-1), x)
     return torch.where(flips[:, 1].view(shape), x.flip(-2), x)
 
