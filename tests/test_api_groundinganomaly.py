@@ -30,6 +30,10 @@ def test_finetune_on_two_defect_types_and_normals_then_generate_each(acme):
 
     cracks = [exemplar_of(acme, "crack", 1, (14, 20, 40, 26)), exemplar_of(acme, "crack", 2, (20, 30, 44, 36))]
     holes = [exemplar_of(acme, "hole", 3, (24, 24, 36, 36))]
+    no_normals = acme.post("/v1/jobs", json={"kind": "finetune", "method": "groundinganomaly",
+                                             "exemplars": [e["id"] for e in cracks + holes]})
+    assert no_normals.status_code == 422 and no_normals.json()["error"]["code"] == "normals_required"
+
     sources = {s: product_image(64, 72, rgb=True, seed=s) for s in (21, 22)}
     normals = {upload(acme, png_bytes(image), product="tile").json()["id"]: image for image in sources.values()}
     finetune = acme.post("/v1/jobs", json={
