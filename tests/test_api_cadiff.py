@@ -100,9 +100,10 @@ def test_finetune_on_two_defect_types_then_generate_each(acme):
     assert "crack, pit" in response.json()["error"]["message"]
     response = acme.post("/v1/jobs", json=generate)
     assert response.status_code == 422 and response.json()["error"]["code"] == "defect_required"
-    # The paper's whole generated image has no label: not a job parameter.
+    # The paper's whole generated image has no label a pair could carry: a job may only keep the normal's.
     response = acme.post("/v1/jobs", json={**generate, "defect": "pit", "params": {**TINY, "background": "generated"}})
     assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_params"
+    assert "'normal'" in response.json()["error"]["message"], response.text
 
 
 def test_a_killed_finetune_resumes_from_its_checkpoint(service_sd_dir, tmp_path):
