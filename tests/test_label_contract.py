@@ -54,9 +54,15 @@ def weight_dirs(tiny_sd_dir, tiny_blip2_dir, tiny_convnext_dir):
             "CONVNEXT_MODEL_DIR": str(tiny_convnext_dir)}
 
 
-@pytest.mark.parametrize("name", sorted(TINY_PARAMS))
-@pytest.mark.parametrize("mode", ["L", "RGB"])
-def test_every_method_keeps_the_label_contract(name, mode, weight_dirs, tmp_path):
+DIFFUSION_METHODS = sorted(name for name, spec in METHODS.items() if spec.family != "model-free")
+
+
+@pytest.mark.parametrize(
+    "name, mode, precision",
+    [(name, mode, "fp32") for name in sorted(TINY_PARAMS) for mode in ("L", "RGB")]
+    + [(name, "RGB", "bf16") for name in DIFFUSION_METHODS],  # CPU generation's bf16 autocast
+)
+def test_every_method_keeps_the_label_contract(name, mode, precision, weight_dirs, tmp_path):
     spec = METHODS[name]
     params = spec.params.model_validate(TINY_PARAMS[name])
     reference = Exemplar("ref", textured_image(56, 72, mode, seed=1), box_mask(56, 72, (20, 16, 44, 40)), "p", "d")
@@ -71,7 +77,7 @@ def test_every_method_keeps_the_label_contract(name, mode, weight_dirs, tmp_path
     request = GenerateRequest(
         params=params, masks=MaskSpec(source=spec.default_mask_source), exemplars=[reference], given_masks=[],
         normals=NormalImages.in_memory(normals), items=job_items(3, 0, 2, 1), adapter_dir=adapter,
-        weight_dirs=weight_dirs, device="cpu",
+        weight_dirs=weight_dirs, device="cpu", precision=precision,
     )
     pairs = generate_all(spec, request)
     assert [pair.index for pair in pairs] == [0, 1, 2]

@@ -47,7 +47,7 @@ def generate(
 ) -> Iterator[list[Pair]]:
     if request.adapter_dir is None:
         raise InputError("CADiff generate jobs need `adapter`: a cadiff fine-tune job id")
-    sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device)
+    sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device, request.precision)
     adapter = pipeline.load_adapter(request.adapter_dir, sd)
     # The job's defect (the API sets it), else the exemplars', else the adapter's only one.
     defect = request.defect or next((e.defect for e in request.exemplars if e.defect), None)

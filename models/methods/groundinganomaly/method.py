@@ -61,7 +61,7 @@ def generate(
 ) -> Iterator[list[Pair]]:
     if request.adapter_dir is None:
         raise InputError("GroundingAnomaly generate jobs need `adapter`: a groundinganomaly fine-tune job id")
-    sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device)
+    sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device, request.precision)
     convnext = load_convnext(request.weight_dirs.get("CONVNEXT_MODEL_DIR"), sd.device)
     adapter = pipeline.load_adapter(request.adapter_dir, sd, convnext)
     defect = request.defect or (request.exemplars[0].defect if request.exemplars else None) or ""
