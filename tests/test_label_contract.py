@@ -39,6 +39,7 @@ TINY_PARAMS = {
     "anogen": {**DIFFUSION, "train_steps": 2, "batch_size": 1},
     "o2mag": {**DIFFUSION, "ago_steps": 1, "mask_dilation": 6},  # a fade wider than the band
     "anomalycontrol": {**DIFFUSION, "train_steps": 2, "batch_size": 1, "mask_dilation": 5},
+    "transplant": {},
 }
 
 
