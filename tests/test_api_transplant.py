@@ -31,6 +31,8 @@ def _decoded(client, url: str) -> np.ndarray:
 
 
 def test_a_job_from_three_exemplars_reproduces_from_its_manifest(acme):
+    methods = {m["name"]: m for m in acme.get("/v1/methods").json()["items"]}
+    assert methods["transplant"]["available"] and methods["transplant"]["family"] == "model-free"
     exemplars = {}
     for seed, (height, width) in enumerate(SIZES, start=1):
         image, mask = _spot_exemplar(height, width, seed)

@@ -163,3 +163,27 @@ def test_bad_params_and_exemplars_without_defects_are_refused():
     empty = Exemplar("n", normal[0], np.zeros((64, 80), bool), "tile", None)
     with pytest.raises(InputError, match="non-empty mask"):
         generate_all(SPEC, request_for({}, [empty], normal, count=1))
+
+
+def test_feather_ramps_over_the_band_and_mixed_keeps_a_textured_destination():
+    rng = np.random.default_rng(1)
+    ys, xs = np.ogrid[0:48, 0:48]
+    spot = (ys - 24) ** 2 + (xs - 24) ** 2 <= 36
+    exemplar = Exemplar("spot", Image.fromarray(np.where(spot, 40, 200).astype(np.uint8)), spot, "tile", "spot")
+    stripes = np.broadcast_to(np.where(xs % 4 < 2, 70, 130), (48, 48))
+    normal = Image.fromarray(np.clip(stripes + rng.normal(0, 1, (48, 48)), 0, 255).astype(np.uint8))
+    base = {**NO_AUGMENTATION, "match_photometry": False}
+
+    feather = generate_all(SPEC, request_for({**base, "blend": "feather"}, [exemplar], [normal], count=1))[0]
+    mask, pixels = feather.mask_u8 > 0, np.asarray(feather.image, float)
+    ring = dilated(mask, 1) & ~mask  # one pixel out of a 3 px band: alpha 3/4 towards the exemplar's 200
+    expected = (3 * 200 + np.asarray(normal, float)[ring]) / 4
+    assert np.abs(pixels[ring] - expected).max() <= 1
+
+    # Inside the spot the exemplar is flat: normal cloning flattens the stripes there, mixed keeps them.
+    stripe_strength = {}
+    for mixed in (False, True):
+        pair = generate_all(SPEC, request_for({**base, "mixed": mixed}, [exemplar], [normal], count=1))[0]
+        inner = ndimage.binary_erosion(pair.mask_u8 > 0, iterations=2)
+        stripe_strength[mixed] = np.abs(np.diff(np.asarray(pair.image, float), axis=1))[inner[:, 1:]].mean()
+    assert stripe_strength[True] > 3 * stripe_strength[False] + 5, stripe_strength

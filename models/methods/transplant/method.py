@@ -139,7 +139,7 @@ def plan(request: GenerateRequest, item: Item, rng: np.random.Generator, sources
     size = (normal.height, normal.width)
     count = int(rng.integers(params.defects_per_image[0], params.defects_per_image[1] + 1))
     transplants = []
-    for number in range(count):
+    for _ in range(count):
         exemplar = sources[int(rng.integers(len(sources)))]
         labels, components = _components(exemplar.mask)
         component = None if params.components == "whole" else int(rng.integers(components)) + 1
