@@ -12,7 +12,8 @@ test set, with the same budget for every arm. The arms:
 
 Prints one row per arm overall and one per arm and defect type: pixel and image AUROC / AP /
 F1-max, AUPRO, classification accuracy, the seconds spent making the pairs, training and in all;
-writes metrics.json and report.html under --out.
+each arm's row is printed as soon as it is scored (a long run that is stopped keeps the rows it
+has); writes each arm's metrics.json and report.html under --out/<arm>/.
 
     .venv/bin/python -m bench.bench_downstream --budget small     # about 15 minutes on 2 quiet CPU cores
     .venv/bin/python -m bench.bench_downstream --budget medium    # about 30 minutes on 2 quiet CPU cores
@@ -34,7 +35,7 @@ from models.downstream.params import EvaluateParams
 ROOT = Path(__file__).resolve().parent.parent
 BUDGETS = {
     "small": {"pairs": 100, "params": {"train_steps": 400, "resolution": 128, "batch_size": 8, "unet_width": 8}},
-    "medium": {"pairs": 200, "params": {"train_steps": 800, "resolution": 128, "batch_size": 8, "unet_width": 16}},
+    "medium": {"pairs": 200, "params": {"train_steps": 800, "resolution": 128, "batch_size": 8, "unet_width": 8}},
     "full": {"pairs": 500, "params": {"train_steps": 3000, "resolution": 256, "batch_size": 16, "unet_width": 16}},
 }
 COLUMNS = ["pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro", "image_auroc", "image_ap", "image_f1_max"]
@@ -77,10 +78,14 @@ def main():
         if done == total:
             print(f"  {time.monotonic() - started:7.1f} s  {stage} done", flush=True)
 
-    metrics = evaluate_arms(real, arms, params, args.out, device="cuda" if args.gpu else args.device,
-                            on_progress=progress)
+    results = {}
+    for arm in arms:
+        metrics = evaluate_arms(real, [arm], params, args.out / arm.name, device="cuda" if args.gpu else args.device,
+                                on_progress=progress)
+        results[arm.name] = metrics["arms"][arm.name]
+        print("  " + _overall_row(arm.name, results[arm.name], making_seconds[arm.name]), flush=True)
 
-    device = metrics["arms"]["draem"]["training"]["device"]
+    device = results["draem"]["training"]["device"]
     print(f"\n{platform.node()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {device}; "
           f"budget '{args.budget}': {params.train_steps} steps x batch {params.batch_size} at "
           f"{params.resolution} px, U-Net width {params.unet_width}, {pairs} pairs per method; "
@@ -88,18 +93,22 @@ def main():
     print(f"test set: {metrics['dataset']['test_images']}, normals {metrics['dataset']['normal_images']}\n")
     print(f"| arm | pairs | {' | '.join(COLUMNS)} | class. acc | make s | train s | wall s |")
     print("|" + " --- |" * (len(COLUMNS) + 6))
-    for name, arm in metrics["arms"].items():
-        overall = arm["segmentation"]["overall"]
-        accuracy = arm["classification"]["accuracy"] if arm["classification"] else None
-        cells = [_cell(overall[c]) for c in COLUMNS] + [_cell(accuracy)]
-        print(f"| {name} | {arm['pairs']} | {' | '.join(cells)} | {making_seconds[name]:.0f} "
-              f"| {arm['training']['train_seconds']:.0f} | {arm['wall_seconds'] + making_seconds[name]:.0f} |")
+    for name, arm in results.items():
+        print(_overall_row(name, arm, making_seconds[name]))
     print(f"\n| arm | defect | {' | '.join(COLUMNS)} |")
     print("|" + " --- |" * (len(COLUMNS) + 2))
-    for name, arm in metrics["arms"].items():
+    for name, arm in results.items():
         for defect, values in arm["segmentation"]["per_defect"].items():
             print(f"| {name} | {defect} | {' | '.join(_cell(values[c]) for c in COLUMNS)} |")
-    print(f"\ntotal {time.monotonic() - started:.0f} s; report: {args.out / 'report.html'}")
+    print(f"\ntotal {time.monotonic() - started:.0f} s; reports: {args.out}/<arm>/report.html")
+
+
+def _overall_row(name: str, arm: dict, making_seconds: float) -> str:
+    overall = arm["segmentation"]["overall"]
+    accuracy = arm["classification"]["accuracy"] if arm["classification"] else None
+    cells = [_cell(overall[c]) for c in COLUMNS] + [_cell(accuracy)]
+    return (f"| {name} | {arm['pairs']} | {' | '.join(cells)} | {making_seconds:.0f} "
+            f"| {arm['training']['train_seconds']:.0f} | {arm['wall_seconds'] + making_seconds:.0f} |")
 
 
 def _cell(value: float | None) -> str:
