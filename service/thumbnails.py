@@ -37,8 +37,13 @@ def make_thumbnail(source: bytes, side: int) -> tuple[bytes, str]:
     return thumbnail(image, side, mask=looks_like_mask(image))
 
 
-def thumbnail_response(request: Request, source: bytes, side: int) -> Response:
-    """The thumbnail, or 304 when the browser's copy (If-None-Match) is still this one."""
+def thumbnail_response(request: Request, storage, key: str, side: int) -> Response:
+    """The thumbnail of the stored object `key`, or 304 when the browser's copy (If-None-Match) is
+    still this one. An object lost from storage is the 404 its plain download gives."""
+    try:
+        source = storage.get(key)
+    except KeyError:
+        raise ApiError(404, "object_not_found", f"{key} is not in storage") from None
     etag = thumbnail_etag(source, side)
     headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
     if etag in request.headers.get("if-none-match", ""):

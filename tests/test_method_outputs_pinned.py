@@ -40,8 +40,15 @@ BEFORE = {
     "cutpaste/box": ["8242771928433905", "665acb256f914ccd", "b12b8f1107bcd7a5"],
     "cutpaste/gray": ["426d64e97bf99579"],
     "anogen": ["adde0e93a5fdaae0", "4e08476064e7e24a", "ce73a9b8298ef540"],
-    "o2mag": ["1beedda8517bdadd", "958081a169d1dd7f", "27cf4196d06d922b"],
 }
+# O2MAG's embedding optimisation and inversion carry last-bit float differences of the CPU's
+# kernels through to a few pixels of its uint8 output, so its digests differ between our machines.
+# Each set here is the pre-refactor code's output on one of them (the second recomputed from
+# commit f82c16e^ under torch 2.13.0 CPU, diffusers 0.42.1, on a Xeon with AVX512-BF16 but no AMX).
+O2MAG_BEFORE = (
+    ["1beedda8517bdadd", "958081a169d1dd7f", "27cf4196d06d922b"],
+    ["2c4bcefbe8a6c4b5", "aa46781db343a8ba", "0256129b6661feee"],
+)
 EXEMPLAR_MASK = box_mask(48, 64, (20, 14, 36, 30))
 REFERENCE = Exemplar("ref", textured_image(48, 64, "RGB", seed=5), EXEMPLAR_MASK, "widget", "crack")
 
@@ -98,4 +105,4 @@ def test_o2mag_generate(sd_dir):
     params = O2MAGParams(resolution=64, num_inference_steps=4, ago_steps=2, mask_dilation=3)
     request = request_for("o2mag", params, RGB_NORMALS, "exemplar", 3, 9,
                           weight_dirs={"SD_MODEL_DIR": str(sd_dir)}, device="cpu")
-    assert digests("o2mag", request) == BEFORE["o2mag"]
+    assert digests("o2mag", request) in O2MAG_BEFORE

@@ -1,6 +1,7 @@
 """Operations: the alert rules name metrics the service exports, the workers export the failure,
 webhook and heartbeat metrics the rules read, and they send the task events Flower shows."""
 
+import json
 import re
 import threading
 from pathlib import Path
@@ -98,3 +99,18 @@ def test_workers_send_task_events(acme, redis_url):
                                          "count": 1}).json()["id"]
     wait_for_job(acme, job_id)
     wait_until(lambda: "task-succeeded" in seen, 20, "the worker's task-succeeded event")
+
+
+def test_the_dashboard_shows_every_exported_metric_and_reads_only_those():
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "anomaly-synth.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+        for name in re.findall(r"\b(synth_[a-z_]+)", target["expr"])
+    }
+    exported = _exported_names()
+    assert queried <= exported, f"the dashboard reads metrics nothing exports: {queried - exported}"
+    families = {re.sub(r"_(bucket|sum|count)$", "", name) for name in exported if name.startswith("synth_")}
+    shown = {re.sub(r"_(bucket|sum|count)$", "", name) for name in queried}
+    assert families <= shown, f"exported but on no panel: {families - shown}"

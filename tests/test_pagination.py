@@ -181,7 +181,9 @@ def test_artifacts_page_in_key_order(acme):
                                          "normals": [normal["id"]], "count": 6}).json()["id"]
     assert wait_for_job(acme, job_id)["status"] == "succeeded"
     whole = acme.get(f"/v1/jobs/{job_id}/artifacts").json()
-    assert len(whole["items"]) == 14 and whole["next_cursor"] is None
+    # Per pair its image, mask and their two thumbnails; then the manifest and the job's result.
+    assert len(whole["items"]) == 6 * 4 + 2 and whole["next_cursor"] is None
+    assert sum("/thumbs/" in a["key"] for a in whole["items"]) == 6 * 2
     paged, sizes = _pages(acme, f"/v1/jobs/{job_id}/artifacts", limit=5)
-    assert paged == whole["items"] and sizes == [5, 5, 4]
+    assert paged == whole["items"] and sizes == [5, 5, 5, 5, 5, 1]
     assert [a["key"] for a in paged] == sorted(a["key"] for a in paged)

@@ -2,6 +2,8 @@
 
 import io
 import zipfile
+from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -130,3 +132,13 @@ def test_generate_jobs_write_a_thumbnail_of_every_pair(acme, small_job):
     with zipfile.ZipFile(io.BytesIO(acme.get(f"/v1/jobs/{job_id}/export").content)) as archive:
         names = archive.namelist()
     assert "test/dent/0.png" in names and not [n for n in names if "thumbs" in n or n.endswith(".jpg")]
+
+
+def test_an_exemplar_lost_from_storage_is_a_404_with_or_without_thumb(acme, service_env):
+    anomaly = upload(acme, png_bytes(product_image(40, 40)), png_bytes(defect_mask(40, 40)), defect="pit").json()
+    storage = Path(urlparse(service_env["STORAGE_URL"]).path)
+    (storage / "exemplars" / anomaly["id"] / "image.png").unlink()
+    for params in ({}, {"thumb": 64}):
+        response = acme.get(f"/v1/exemplars/{anomaly['id']}/image", params=params)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "object_not_found", params
+    assert acme.get(f"/v1/exemplars/{anomaly['id']}/mask", params={"thumb": 64}).status_code == 200

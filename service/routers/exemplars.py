@@ -85,7 +85,7 @@ def _stored_image(request: Request, storage, record: dict, which: str, thumb: in
     if key is None:
         raise ApiError(404, "no_mask", f"exemplar {record['id']} is a normal image: it has no mask")
     if thumb is not None:
-        return thumbnail_response(request, storage.get(key), thumb)
+        return thumbnail_response(request, storage, key, thumb)
     suffix = "" if which == "image" else "_mask"
     return download(storage, key, f"{record['id']}{suffix}.png")
 

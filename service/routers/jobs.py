@@ -347,5 +347,5 @@ def download_artifact(
     if not key.startswith(job_prefixes(job_id)) or not storage.exists(key):
         raise ApiError(404, "artifact_not_found", f"no artifact {echo(key)}")  # checked here to say so
     if thumb is not None:
-        return thumbnail_response(request, storage.get(key), thumb)
+        return thumbnail_response(request, storage, key, thumb)
     return download(storage, key)
