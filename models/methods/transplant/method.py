@@ -155,12 +155,10 @@ def plan(request: GenerateRequest, item: Item, rng: np.random.Generator, sources
         )
         source = _source_mask(labels, component)
         pixels = image_pixels(exemplar.image.convert(normal.mode))
-        if request.masks.source == "native":
-            target = None
-            transplant, patch = _fitted(transplant, pixels, source, size, params, (0, size[0], 0, size[1]))
-        else:
-            target = request.target_mask(item, rng)
-            transplant, patch = _fitted(transplant, pixels, source, size, params, _box(target))
+        # 'native': the method's own placement; any other mask source draws the mask the defect goes in.
+        target = None if request.masks.source == "native" else request.target_mask(item, rng)
+        room = (0, size[0], 0, size[1]) if target is None else _box(target)
+        transplant, patch = _fitted(transplant, pixels, source, size, params, room)
         position = _position(rng, patch, source, size, params, foreground, target)
         transplants.append(dataclasses.replace(transplant, position=position))
     return transplants
@@ -175,6 +173,7 @@ def _fitted(transplant: Transplant, pixels: np.ndarray, source: np.ndarray, size
         shrink = min(1.0, (box[1] - box[0]) / (bottom - top), (box[3] - box[2]) / (right - left))
         if shrink >= 1:
             break
+        # A little more than the ratio: rotation and resampling do not shrink a box exactly.
         transplant = dataclasses.replace(transplant, scale=transplant.scale * shrink * 0.95)
         patch = warped_patch(pixels, source, transplant, size, params)
     return transplant, patch
