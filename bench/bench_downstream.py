@@ -48,10 +48,12 @@ def main():
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--gpu", action="store_true", help="the same as --device cuda")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-classifier", action="store_true",
+                        help="skip the defect-type classifiers (segmentation metrics stay the same)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "downstream")
     args = parser.parse_args()
     budget = BUDGETS[args.budget]
-    params = EvaluateParams(**budget["params"], seed=args.seed, baselines=False)
+    params = EvaluateParams(**budget["params"], seed=args.seed, baselines=False, classifier=not args.no_classifier)
     started = time.monotonic()
 
     real = load_real_data(args.dataset, params.resolution)
