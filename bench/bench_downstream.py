@@ -38,6 +38,7 @@ BUDGETS = {
     "medium": {"pairs": 200, "params": {"train_steps": 800, "resolution": 128, "batch_size": 8, "unet_width": 8}},
     "full": {"pairs": 500, "params": {"train_steps": 3000, "resolution": 256, "batch_size": 16, "unet_width": 16}},
 }
+ARMS = ["transplant", "paste", "draem", "cutpaste", "draem+transplant"]
 COLUMNS = ["pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro", "image_auroc", "image_ap", "image_f1_max"]
 
 
@@ -48,6 +49,8 @@ def main():
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--gpu", action="store_true", help="the same as --device cuda")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS,
+                        help="evaluate only these arms (several runs can share a machine's cores)")
     parser.add_argument("--no-classifier", action="store_true",
                         help="skip the defect-type classifiers (segmentation metrics stay the same)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "downstream")
@@ -81,13 +84,13 @@ def main():
             print(f"  {time.monotonic() - started:7.1f} s  {stage} done", flush=True)
 
     results = {}
-    for arm in arms:
+    for arm in (arm for arm in arms if arm.name in args.arms):
         metrics = evaluate_arms(real, [arm], params, args.out / arm.name, device="cuda" if args.gpu else args.device,
                                 on_progress=progress)
         results[arm.name] = metrics["arms"][arm.name]
         print("  " + _overall_row(arm.name, results[arm.name], making_seconds[arm.name]), flush=True)
 
-    device = results["draem"]["training"]["device"]
+    device = next(iter(results.values()))["training"]["device"]
     print(f"\n{platform.node()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {device}; "
           f"budget '{args.budget}': {params.train_steps} steps x batch {params.batch_size} at "
           f"{params.resolution} px, U-Net width {params.unet_width}, {pairs} pairs per method; "
