@@ -15,8 +15,8 @@ F1-max, AUPRO, classification accuracy, the seconds spent making the pairs, trai
 each arm's row is printed as soon as it is scored (a long run that is stopped keeps the rows it
 has); writes each arm's metrics.json and report.html under --out/<arm>/.
 
-    .venv/bin/python -m bench.bench_downstream --budget small     # about 15 minutes on 2 quiet CPU cores
-    .venv/bin/python -m bench.bench_downstream --budget medium    # about 30 minutes on 2 quiet CPU cores
+    .venv/bin/python -m bench.bench_downstream --budget small --no-classifier  # 10-35 min an arm on 2 busy cores
+    .venv/bin/python -m bench.bench_downstream --budget medium   # twice small's training: meant for ~30 min; unmeasured
     .venv/bin/python -m bench.bench_downstream --budget full --gpu
 """
 
