@@ -120,6 +120,7 @@ class Job(BaseModel):
     error: ErrorDetail | None
     product: str | None = None
     defect: str | None = None
+    defects: list[str] = Field(default=[], description="fine-tune: the defect types of its exemplars")
     count: int | None = None
     seed: int | None = None
     exemplars: list[str] = []

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     visibility_timeout: int | None = Field(None, ge=1, description="default JOB_TIME_LIMIT + 600")
     worker_metrics_port: int = Field(9101, ge=0, le=65535)
     worker_heartbeat: int = Field(15, ge=1)
+    finetune_checkpoint_every: int = Field(
+        250, ge=1, description="fine-tune steps between training checkpoints (a resumed job restarts from the last)"
+    )
     artifact_url_expiry: int = Field(3600, ge=1)
     s3_public_endpoint_url: str | None = Field(
         None, description="S3 endpoint as callers reach it; presigned URLs point there. Unset behind a private S3 "

@@ -81,6 +81,30 @@ def check_boxes_fit(masks, normals: list[dict]) -> None:
                 )
 
 
+def check_one_product(method: str, images: list[dict]) -> None:
+    """A method that learns all of one product's defect types in one adapter takes one product's images."""
+    products = sorted({image["product"] for image in images})
+    if len(products) > 1:
+        raise ApiError(422, "mixed_products", f"a {method} fine-tune learns one product's defect types: the "
+                       f"images show {', '.join(echo(p) for p in products)}; submit one job per product")
+
+
+def learnt_defect(body: JobCreate, exemplars: list[dict], adapter: dict) -> str:
+    """The defect a generate job makes with an adapter that learnt several: `defect`, else the
+    exemplars', else the adapter's only one; it must be one the adapter learnt."""
+    learnt = adapter.get("defects") or []
+    defect = body.defect or (exemplars[0]["defect"] if exemplars else None)
+    if defect is None and len(learnt) == 1:
+        defect = learnt[0]
+    if defect is None:
+        raise ApiError(422, "defect_required", f"adapter {body.adapter} learnt defects {', '.join(learnt)}: "
+                       "name one in `defect`")
+    if defect not in learnt:
+        raise ApiError(422, "unknown_defect", f"adapter {body.adapter} learnt no defect {echo(defect)}; it "
+                       f"knows {', '.join(learnt) or 'none'}")
+    return defect
+
+
 def _job_record(tenant: str, body: JobCreate, **fields) -> dict:
     total = fields.pop("total")
     return {
@@ -167,6 +191,8 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
         raise ApiError(
             422, "normals_required", f"{method.name} fine-tunes on normal images too: list some in `normals`"
         )
+    if body.kind == "finetune" and method.finetune_learns_defect_types:
+        check_one_product(method.name, exemplars + normals)
 
     masks = body.masks.model_copy(update={"source": body.masks.source or method.default_mask_source})
     if masks.source not in method.mask_sources:
@@ -191,6 +217,9 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
             )
     elif body.adapter:
         raise ApiError(422, "invalid_request", f"{method.name} {body.kind} jobs take no `adapter`")
+    defect = body.defect or (exemplars[0]["defect"] if exemplars else "anomaly")
+    if method.family == "fine-tune" and body.kind == "generate" and method.finetune_learns_defect_types:
+        defect = learnt_defect(body, exemplars, adapter)
 
     # A generate job makes images of its normal images' product; a fine-tune learns its exemplars'.
     named = (normals or exemplars) if body.kind == "generate" else (exemplars or normals)
@@ -198,7 +227,7 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
         tenant, body, total=params.train_steps if body.kind == "finetune" else body.count,
         method=method.name,
         product=body.product or (named[0]["product"] if named else None),
-        defect=body.defect or (exemplars[0]["defect"] if exemplars else "anomaly"),
+        defect=defect, defects=sorted({e["defect"] for e in exemplars}) if body.kind == "finetune" else [],
         exemplars=body.exemplars, normals=body.normals, masks=masks.model_dump(mode="json"),
         params=params.model_dump(mode="json"), callback=_callback(settings, body),
     )

@@ -28,6 +28,7 @@ def make_env(redis_url: str, storage_url: str, **extra) -> dict:
     env = dict(os.environ)
     env.pop("SD_MODEL_DIR", None)
     env.pop("BLIP2_MODEL_DIR", None)
+    env.pop("CONVNEXT_MODEL_DIR", None)
     env.update(
         REDIS_URL=redis_url,
         STORAGE_URL=storage_url,
@@ -77,11 +78,20 @@ def service_blip2_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def service_env(redis_url, service_sd_dir, service_blip2_dir, tmp_path_factory):
+def service_convnext_dir(tmp_path_factory):
+    """A tiny random-weight transformers ConvNextModel, saved with save_pretrained."""
+    from models.diffusion.tiny_convnext import build_random_convnext
+
+    return build_random_convnext(tmp_path_factory.mktemp("service_convnext"), "tiny")
+
+
+@pytest.fixture(scope="session")
+def service_env(redis_url, service_sd_dir, service_blip2_dir, service_convnext_dir, tmp_path_factory):
     storage = tmp_path_factory.mktemp("storage")
     # One torch thread: tiny models gain nothing from more, and CI has two shared cores.
     return make_env(redis_url, f"file://{storage}", SD_MODEL_DIR=str(service_sd_dir),
-                    BLIP2_MODEL_DIR=str(service_blip2_dir), DEVICE="cpu", OMP_NUM_THREADS="1")
+                    BLIP2_MODEL_DIR=str(service_blip2_dir), CONVNEXT_MODEL_DIR=str(service_convnext_dir),
+                    DEVICE="cpu", OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="session")

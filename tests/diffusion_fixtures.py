@@ -15,6 +15,7 @@ from PIL import Image
 from models.diffusion.loading import load_sd
 from models.diffusion.tiny import build_tiny_sd
 from models.diffusion.tiny_blip2 import build_random_blip2
+from models.diffusion.tiny_convnext import build_random_convnext
 
 TINY_RESOLUTION = 64  # the smallest resolution the params allow; latents are 8x8
 
@@ -34,6 +35,12 @@ def tiny_sd(tiny_sd_dir):
 def tiny_blip2_dir(tmp_path_factory):
     """A tiny random Blip2ForImageTextRetrieval with its tokenizer and image processor (BLIP2_MODEL_DIR)."""
     return build_random_blip2(tmp_path_factory.mktemp("tiny_blip2"), "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_convnext_dir(tmp_path_factory):
+    """A tiny random ConvNextModel saved with save_pretrained (CONVNEXT_MODEL_DIR)."""
+    return build_random_convnext(tmp_path_factory.mktemp("tiny_convnext"), "tiny")
 
 
 def textured_image(height: int, width: int, mode: str = "RGB", seed: int = 0) -> Image.Image:

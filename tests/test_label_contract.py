@@ -39,6 +39,8 @@ TINY_PARAMS = {
     "anogen": {**DIFFUSION, "train_steps": 2, "batch_size": 1},
     "o2mag": {**DIFFUSION, "ago_steps": 1, "mask_dilation": 6},  # a fade wider than the band
     "anomalycontrol": {**DIFFUSION, "train_steps": 2, "batch_size": 1, "mask_dilation": 5},
+    "cadiff": {**DIFFUSION, "train_steps": 2, "batch_size": 2, "mask_dilation": 5},
+    "groundinganomaly": {**DIFFUSION, "train_steps": 2, "mask_train_steps": 1, "batch_size": 2, "mask_dilation": 5},
     "transplant": {},
 }
 
@@ -48,8 +50,9 @@ def test_every_method_has_tiny_settings_here():
 
 
 @pytest.fixture(scope="module")
-def weight_dirs(tiny_sd_dir, tiny_blip2_dir):
-    return {"SD_MODEL_DIR": str(tiny_sd_dir), "BLIP2_MODEL_DIR": str(tiny_blip2_dir)}
+def weight_dirs(tiny_sd_dir, tiny_blip2_dir, tiny_convnext_dir):
+    return {"SD_MODEL_DIR": str(tiny_sd_dir), "BLIP2_MODEL_DIR": str(tiny_blip2_dir),
+            "CONVNEXT_MODEL_DIR": str(tiny_convnext_dir)}
 
 
 @pytest.mark.parametrize("name", sorted(TINY_PARAMS))

@@ -13,8 +13,6 @@ from models.methods.interface import Checkpoints, FinetuneRequest
 from models.methods.registry import METHODS, implementation
 from workers.context import JobContext
 
-CHECKPOINT_EVERY = 250  # steps
-
 
 def run_finetune(context: JobContext) -> dict:
     job = context.job
@@ -33,7 +31,8 @@ def run_finetune(context: JobContext) -> dict:
             seed=job["seed"],
             adapter_dir=adapter_dir,
             checkpoints=Checkpoints(
-                checkpoint_dir, CHECKPOINT_EVERY, saved=lambda: context.upload_folder(checkpoint_dir, checkpoint_prefix)
+                checkpoint_dir, context.settings.finetune_checkpoint_every,
+                saved=lambda: context.upload_folder(checkpoint_dir, checkpoint_prefix),
             ),
             weight_dirs=context.settings.weight_dirs,
             device=context.settings.device,

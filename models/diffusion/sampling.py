@@ -45,12 +45,16 @@ def predict_noise(
     cond: torch.Tensor,
     uncond: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    cross_attention_kwargs: dict | None = None,
 ) -> torch.Tensor:
-    """eps_theta(latents, t) as float32; with `uncond`, classifier-free guided, both halves in one UNet call."""
+    """eps_theta(latents, t) as float32; with `uncond`, classifier-free guided, both halves in one UNet call
+    (unconditional first). cross_attention_kwargs: passed to the UNet (e.g. GLIGEN's grounding inputs)."""
     if uncond is None:
-        return sd.unet(latents.to(sd.dtype), t, encoder_hidden_states=cond).sample.float()
+        return sd.unet(latents.to(sd.dtype), t, encoder_hidden_states=cond,
+                       cross_attention_kwargs=cross_attention_kwargs).sample.float()
     both = sd.unet(
-        torch.cat([latents, latents]).to(sd.dtype), t, encoder_hidden_states=torch.cat([uncond, cond])
+        torch.cat([latents, latents]).to(sd.dtype), t, encoder_hidden_states=torch.cat([uncond, cond]),
+        cross_attention_kwargs=cross_attention_kwargs,
     ).sample.float()
     eps_uncond, eps_cond = both.chunk(2)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
@@ -92,10 +96,12 @@ def ddim_sample(
     *,
     before_step: LatentEdit | None = None,
     on_step: StepCallback | None = None,
+    cross_attention_kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Denoise `latents` along `scheduler.timesteps` (call `set_timesteps` first) with DDIM, eta 0.
 
     Classifier-free guidance is applied when `uncond` is given and `guidance_scale` != 1.
+    cross_attention_kwargs go to every UNet call (see predict_noise).
     """
     if guidance_scale == 1.0:
         uncond = None  # guidance 1 is the conditional prediction alone: skip half the UNet batch
@@ -105,7 +111,7 @@ def ddim_sample(
     for i, t in enumerate(timesteps):
         if before_step is not None:
             latents = before_step(i, t, latents)
-        eps = predict_noise(sd, latents, unet_timesteps[i], cond, uncond, guidance_scale)
+        eps = predict_noise(sd, latents, unet_timesteps[i], cond, uncond, guidance_scale, cross_attention_kwargs)
         alpha_to = alpha_bar(scheduler, previous_timestep(scheduler, t))
         latents = ddim_move(latents, eps, alpha_bar(scheduler, t), alpha_to)
         if on_step is not None:

@@ -59,6 +59,24 @@ class LearnedEmbedding:
         return cls(tokens=list(config["tokens"]), vectors=vectors.float()), config
 
 
+def save_token_entries(folder: Path, embedding: LearnedEmbedding) -> None:
+    """`learned_embeds.safetensors` with one entry per token, {token: vector}: diffusers' single-token
+    layout for several tokens in one file (load each with `pipe.load_textual_inversion({token:
+    vector}, token=token)`), for methods whose tokens stand for different things."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({token: vector.contiguous() for token, vector in zip(embedding.tokens, embedding.vectors)},
+              folder / EMBEDDINGS_FILE)
+
+
+def load_token_entries(folder: Path, tokens: Sequence[str]) -> LearnedEmbedding:
+    """The `tokens` saved by `save_token_entries`, in that order."""
+    entries = load_file(folder / EMBEDDINGS_FILE)
+    missing = [token for token in tokens if token not in entries]
+    if missing:
+        raise ValueError(f"{EMBEDDINGS_FILE} has no vector for {missing}")
+    return LearnedEmbedding(list(tokens), torch.stack([entries[token].float() for token in tokens]))
+
+
 def placeholder_names(placeholder: str, num_vectors: int) -> list[str]:
     """One token per vector: "<x>", "<x>_1", "<x>_2", ... (diffusers' multi-vector convention)."""
     return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]

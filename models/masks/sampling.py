@@ -124,6 +124,7 @@ def sample_target_mask(
     given_masks: Sequence[np.ndarray] = (),
     index: int = 0,
     native: Callable[[np.random.Generator, tuple[int, int]], np.ndarray] | None = None,
+    learned: Callable[[np.random.Generator], np.ndarray] | None = None,
 ) -> np.ndarray:
     """bool (H, W) target mask for pair `index`, size = (height, width); never empty.
 
@@ -131,9 +132,12 @@ def sample_target_mask(
       native    native(rng, size), the method's own generator;
       exemplar  one exemplar mask, rescaled to this image, randomly scaled, rotated and flipped;
       box       a random rectangle (spec.box_area, spec.box_aspect), or spec.boxes in turn;
-      given     given_masks in turn, used as they are (resized if needed).
-    With spec.inside_foreground and a foreground, native, exemplar and random-box masks are kept
-    on the foreground. Fixed boxes and given masks are the caller's explicit choice: not moved.
+      given     given_masks in turn, used as they are (resized if needed);
+      learned   learned(rng), a mask sampled from a fine-tune's mask model (any size: its shape is
+                rescaled to this image, flipped at random and placed like an exemplar's). Only methods that learn one
+                offer it; the others' specs do not list it, so the API refuses it for them.
+    With spec.inside_foreground and a foreground, native, exemplar, learned and random-box masks
+    are kept on the foreground. Fixed boxes and given masks are the caller's explicit choice: not moved.
     """
     keep_inside = None
     if spec.inside_foreground and foreground is not None:
@@ -162,6 +166,14 @@ def sample_target_mask(
         if not mask.any():
             raise ValueError(f"given mask {index % len(given_masks)} is empty")
         return mask
+    if source == "learned":
+        if learned is None:
+            raise ValueError("mask source 'learned' needs the method's learned mask model")
+        sampled = as_bool_mask(learned(rng))
+        if not sampled.any():
+            raise ValueError("the learned mask model gave an empty mask")
+        shape = _jittered_exemplar(sampled, spec.model_copy(update={"scale": (1.0, 1.0), "rotation": 0.0}), rng, size)
+        return _place(shape, rng, size, keep_inside)
     raise ValueError(f"unknown mask source {source!r}")
 
 

@@ -181,6 +181,7 @@ class GenerateRequest:
         *,
         exemplar_masks: Sequence[np.ndarray] | None = None,
         native: Callable[[np.random.Generator, tuple[int, int]], np.ndarray] | None = None,
+        learned: Callable[[np.random.Generator], np.ndarray] | None = None,
     ) -> np.ndarray:
         """bool (H, W): where `item`'s defect goes on its normal image, from the job's mask source.
 
@@ -200,6 +201,7 @@ class GenerateRequest:
             given_masks=self.given_masks,
             index=item.index,
             native=native,
+            learned=learned,
         )
 
 

@@ -33,6 +33,10 @@ class MethodSpec:
     generate_needs_references: bool = False
     # Fine-tune jobs learn from normal images of the product as well as the exemplars.
     finetune_needs_normals: bool = False
+    # A fine-tune job learns every defect type of one product among its exemplars (one adapter for
+    # them all): its exemplars must show one product, and a generate job's `defect` must be one the
+    # adapter learnt.
+    finetune_learns_defect_types: bool = False
 
     def unavailable_reason(self, weight_dirs: Mapping[str, str | None]) -> str | None:
         """None when the method can run with these weight settings, else every reason it cannot."""
