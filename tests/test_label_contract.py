@@ -41,6 +41,7 @@ TINY_PARAMS = {
     "anomalycontrol": {**DIFFUSION, "train_steps": 2, "batch_size": 1, "mask_dilation": 5},
     "cadiff": {**DIFFUSION, "train_steps": 2, "batch_size": 2, "mask_dilation": 5},
     "groundinganomaly": {**DIFFUSION, "train_steps": 2, "mask_train_steps": 1, "batch_size": 2, "mask_dilation": 5},
+    "transplant": {},
 }
 
 

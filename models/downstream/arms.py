@@ -3,7 +3,8 @@
 - a generated set: a generate job's pairs, read from local files;
 - the combination of several arms;
 - a model-free baseline: DRAEM (or CutPaste) anomalies made here on the real normal images;
-- the exemplar baseline: the real exemplars' defect pixels pasted onto random normal images.
+- the exemplar baseline: the real exemplars' defects pasted onto random normal images (the
+  transplant method as a plain paste).
 
 Every arm is used together with the real normal images (all-zero masks) when training.
 """
@@ -101,52 +102,43 @@ def combine_arms(name: str, arms: Sequence[Arm]) -> Arm:
     )
 
 
-def model_free_arm(name: str, method: str, normals: torch.Tensor, count: int, seed: int) -> Arm:
-    """``count`` pairs of a model-free method (``draem``, ``cutpaste``) with its default params,
-    made through the method interface as a generate job would make them."""
-    from models.methods.interface import GenerateRequest, NormalImages, job_items
+def model_free_arm(name: str, method: str, normals: torch.Tensor, count: int, seed: int, params: dict | None = None,
+                   exemplars: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None) -> Arm:
+    """``count`` pairs of a model-free method (``draem``, ``cutpaste``, ``transplant``) with its
+    default params updated by ``params``, made through the method interface as a generate job
+    would make them. ``exemplars`` = (images, masks, defect types): the anomaly exemplars it
+    copies from (transplant); each pair then has the type its method names in its details."""
+    from models.methods.interface import Exemplar, GenerateRequest, NormalImages, job_items
     from models.methods.params import MaskSpec
     from models.methods.registry import METHODS, generate_all
 
     spec = METHODS[method]
+    references = [] if exemplars is None else [
+        Exemplar(str(i), as_pil(image), mask[0].numpy(), "", defect)
+        for i, (image, mask, defect) in enumerate(zip(*exemplars)) if mask.any()
+    ]
     request = GenerateRequest(
-        params=spec.params(), masks=MaskSpec(source=spec.default_mask_source), exemplars=[], given_masks=[],
-        normals=NormalImages.in_memory([as_pil(normal) for normal in normals]),
-        items=job_items(count, seed, len(normals), 0),
+        params=spec.params(**(params or {})), masks=MaskSpec(source=spec.default_mask_source), exemplars=references,
+        given_masks=[], normals=NormalImages.in_memory([as_pil(normal) for normal in normals]),
+        items=job_items(count, seed, len(normals), len(references)),
     )
     resolution, channels = normals.shape[-1], normals.shape[1]
     pairs = generate_all(spec, request)
     images = [image_tensor(pair.image, resolution, channels) for pair in pairs]
     masks = [mask_tensor(pair.mask_u8, resolution) for pair in pairs]
-    normal_indices = [request.items[pair.index].normal for pair in pairs]
-    return _baseline_arm(name, images, masks, [""] * count, normals, normal_indices)
+    items = [request.items[pair.index] for pair in pairs]
+    defects = [pair.details.get("defect") or "" for pair in pairs]
+    return _baseline_arm(name, images, masks, defects, normals, [item.normal for item in items])
 
 
 def exemplar_paste_arm(name: str, normals: torch.Tensor, exemplar_images: torch.Tensor,
                        exemplar_masks: torch.Tensor, exemplar_defects: list[str], count: int, seed: int) -> Arm:
-    """Paste a random exemplar's defect pixels (its mask's bounding box, masked) onto a random
-    normal image at a random position, ``count`` times."""
-    rng = np.random.default_rng(seed)
-    usable = [i for i in range(len(exemplar_masks)) if exemplar_masks[i].any()]
-    if not usable:
+    """The exemplar baseline: the transplant method as a plain paste (``PLAIN_PASTE``: a whole
+    exemplar defect as it is, at a random place on a normal image, no augmentation, no
+    matching), ``count`` times."""
+    from models.methods.transplant import PLAIN_PASTE
+
+    if not exemplar_masks.any():
         raise ValueError("no exemplar has a non-empty mask")
-    size = normals.shape[-1]
-    images, masks, defects, normal_indices = [], [], [], []
-    for _ in range(count):
-        source = usable[rng.integers(len(usable))]
-        normal_indices.append(int(rng.integers(len(normals))))
-        normal = normals[normal_indices[-1]]
-        rows, cols = torch.nonzero(exemplar_masks[source][0], as_tuple=True)
-        top, left, bottom, right = rows.min(), cols.min(), rows.max() + 1, cols.max() + 1
-        patch = exemplar_images[source][:, top:bottom, left:right]
-        patch_mask = exemplar_masks[source][:, top:bottom, left:right]
-        y = int(rng.integers(size - patch.shape[1] + 1))
-        x = int(rng.integers(size - patch.shape[2] + 1))
-        image, mask = normal.clone(), torch.zeros(1, size, size, dtype=torch.bool)
-        region = image[:, y:y + patch.shape[1], x:x + patch.shape[2]]
-        region[patch_mask.expand_as(region)] = patch[patch_mask.expand_as(patch)]
-        mask[:, y:y + patch.shape[1], x:x + patch.shape[2]] = patch_mask
-        images.append(image)
-        masks.append(mask)
-        defects.append(exemplar_defects[source])
-    return _baseline_arm(name, images, masks, defects, normals, normal_indices)
+    return model_free_arm(name, "transplant", normals, count, seed, params=PLAIN_PASTE,
+                          exemplars=(exemplar_images, exemplar_masks, exemplar_defects))

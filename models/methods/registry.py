@@ -7,7 +7,7 @@ from importlib import import_module
 
 from models.methods.spec import MethodSpec
 
-PACKAGES = ("draem", "cutpaste", "anogen", "o2mag", "anomalycontrol", "cadiff", "groundinganomaly")
+PACKAGES = ("draem", "cutpaste", "anogen", "o2mag", "anomalycontrol", "cadiff", "groundinganomaly", "transplant")
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec for spec in (import_module(f"models.methods.{package}").SPEC for package in PACKAGES)
