@@ -19,6 +19,20 @@ ASPECT_LIMITS = (0.01, 100.0)
 MAX_JITTER_SCALE = 4.0  # times the exemplar's own size: bounds the patch a jittered mask is drawn on
 
 
+# Generate knobs of the methods that paint a generated region into the normal image
+# (models.diffusion.images.fade_into_normal): declared once, so they read alike in every schema.
+FadeRing = Annotated[int, Field(
+    ge=0, le=64,
+    description="generate: the generated region fades into the normal image across a ring this many pixels "
+    "wide on the target mask's border, at most 3 of them outside it; beyond that every pixel is the normal's",
+)]
+NormalBackground = Annotated[Literal["normal"], Field(
+    description="generate: 'normal' keeps the normal image outside the (faded) mask. The paper's 'generated' "
+    "whole image is refused: its pixels outside the mask would not be the normal image's, and every pair's "
+    "label promises they are (the Python pipeline still makes it, for studies)",
+)]
+
+
 class StrictModel(BaseModel):
     # Unknown names are a 422; so are infinities and NaN, which no knob means.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)

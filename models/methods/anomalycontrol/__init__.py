@@ -9,7 +9,7 @@ BLIP-2 side, and `sga.py`, the adapter), the job interface in `method.py`.
 
 from pydantic import Field, model_validator
 
-from models.methods.params import FinetuneParams
+from models.methods.params import FadeRing, FinetuneParams
 from models.methods.spec import MethodSpec
 
 
@@ -45,11 +45,7 @@ class AnomalyControlParams(FinetuneParams):
         description="generate: the targeted prompt; default 'a photo of a {product} with {defect}' with the "
         "job's product and each reference's defect",
     )
-    mask_dilation: int = Field(
-        default=3, ge=0, le=64,
-        description="generate: the generated region fades into the normal image across a ring this many pixels "
-        "wide on the target mask's border, at most 3 of them outside it; beyond that every pixel is the normal's",
-    )
+    mask_dilation: FadeRing = 3
 
     @model_validator(mode="after")
     def _check(self):

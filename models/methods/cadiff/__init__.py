@@ -8,11 +8,9 @@ the ControlNet + SAIM, `losses.py`, the training losses and augmentation, and `i
 re-weighting), the job interface in `method.py`.
 """
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
-from models.methods.params import FinetuneParams, check_ordered
+from models.methods.params import FadeRing, FinetuneParams, NormalBackground, check_ordered
 from models.methods.spec import MethodSpec
 
 
@@ -55,17 +53,8 @@ class CADiffParams(FinetuneParams):
         description="generate: re-weighting starts at the first step whose focus (share of the mask where the "
         "anomaly token's 16x16 attention is above its mean) exceeds this (1: never)",
     )
-    background: Literal["normal"] = Field(
-        default="normal",
-        description="generate: 'normal' keeps the normal image outside the (faded) mask. The paper's "
-        "'generated' whole image is refused: its pixels outside the mask would not be the normal image's, and "
-        "every pair's label promises they are (the Python pipeline still makes it, for studies)",
-    )
-    mask_dilation: int = Field(
-        default=3, ge=0, le=64,
-        description="generate: the generated region fades into the normal image across a ring this many pixels "
-        "wide on the target mask's border, at most 3 of them outside it; beyond that every pixel is the normal's",
-    )
+    background: NormalBackground = "normal"
+    mask_dilation: FadeRing = 3
 
     @model_validator(mode="after")
     def _check(self):

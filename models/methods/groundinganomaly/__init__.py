@@ -9,11 +9,9 @@ Torch-free: the method's spec and params. The model code is in `pipeline.py` (wi
 semantic map and its encoder, and `gsm.py`, the gated blocks and LoRA), the job interface in `method.py`.
 """
 
-from typing import Literal
-
 from pydantic import Field
 
-from models.methods.params import FinetuneParams
+from models.methods.params import FadeRing, FinetuneParams, NormalBackground
 from models.methods.spec import MethodSpec
 
 
@@ -48,17 +46,8 @@ class GroundingAnomalyParams(FinetuneParams):
         default=0.7, ge=0.0, le=1.0,
         description="generate: NDI, the share of the schedule the normal image is noised to; 0 returns it",
     )
-    background: Literal["normal"] = Field(
-        default="normal",
-        description="generate: 'normal' keeps the normal image outside the (faded) mask. The paper's "
-        "'generated' whole image is refused: its pixels outside the mask would not be the normal image's, and "
-        "every pair's label promises they are (the Python pipeline still makes it, for studies)",
-    )
-    mask_dilation: int = Field(
-        default=3, ge=0, le=64,
-        description="generate: the generated region fades into the normal image across a ring this many pixels "
-        "wide on the target mask's border, at most 3 of them outside it; beyond that every pixel is the normal's",
-    )
+    background: NormalBackground = "normal"
+    mask_dilation: FadeRing = 3
 
 
 SPEC = MethodSpec(
