@@ -34,12 +34,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.diffusion_setup import bench_model, diffusion_arguments, fmt, timed
+from bench.diffusion_setup import anogen_runner, bench_model, diffusion_arguments, fmt, target_mask, wall_and_cpu
 from models.diffusion.loading import StableDiffusion
-from models.diffusion.textual_inversion import LearnedEmbedding, initial_vectors
 from models.diffusion.tiny_blip2 import build_random_blip2
-from models.methods.anogen import AnoGenParams
-from models.methods.anogen import pipeline as anogen
 from models.methods.anomalycontrol import AnomalyControlParams
 from models.methods.anomalycontrol import pipeline as anomalycontrol
 from models.methods.anomalycontrol.csm import TEXT_TEMPLATE, Blip2, load_blip2
@@ -129,20 +126,6 @@ def compare_with_anogen(sd: StableDiffusion, blip2: Blip2, resolution: int, step
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
-def wall_and_cpu(run, device: torch.device, per: int) -> tuple[float, float]:
-    """Wall and process CPU seconds of one run, each divided by `per`. On a shared CPU the CPU time
-    (with one torch thread) counts the work itself, whatever else the machine is running."""
-    started = time.process_time()
-    wall = timed(run, device)
-    return wall / per, (time.process_time() - started) / per
-
-
-def anogen_runner(sd: StableDiffusion, resolution: int, steps: int, guidance: float, items):
-    embedding = LearnedEmbedding([anogen.PLACEHOLDER], initial_vectors(sd, "defect", 1))
-    params = AnoGenParams(resolution=resolution, num_inference_steps=steps, guidance_scale=guidance)
-    return lambda: anogen.generate(sd, embedding, items, params, images_per_batch=len(items))
-
-
 def scene(resolution: int) -> tuple[anomalycontrol.Reference, Image.Image]:
     """A reference with a defect mask covering about 3% of it, and a normal image."""
     rng = np.random.default_rng(0)
@@ -151,14 +134,6 @@ def scene(resolution: int) -> tuple[anomalycontrol.Reference, Image.Image]:
     mask = np.zeros((resolution, resolution), bool)
     mask[resolution // 3 : resolution // 2, 2 * resolution // 5 : 3 * resolution // 5] = True
     return anomalycontrol.Reference(image, mask, "tile", "crack"), normal
-
-
-def target_mask(resolution: int, number: int) -> np.ndarray:
-    """One of a few target masks on the normal image, each about 4% of it."""
-    mask = np.zeros((resolution, resolution), bool)
-    top, left = (resolution // 8) * (1 + number % 3), (resolution // 8) * (1 + number // 3 % 3)
-    mask[top : top + resolution // 5, left : left + resolution // 5] = True
-    return mask
 
 
 if __name__ == "__main__":

@@ -24,18 +24,14 @@ table at batch 1 and 8, with images/s and peak memory.
 `--model-dir` reuses a saved model (real SD 1.5 works too).
 """
 
-import statistics
-import time
 
 import numpy as np
 import torch
 from PIL import Image
 
-from bench.diffusion_setup import bench_model, diffusion_arguments, fmt, timed
+from bench.diffusion_setup import against_anogen, anogen_runner, bench_model, diffusion_arguments, target_mask
 from models.diffusion.loading import StableDiffusion
 from models.diffusion.textual_inversion import LearnedEmbedding, initial_vectors
-from models.methods.anogen import AnoGenParams
-from models.methods.anogen import pipeline as anogen
 from models.methods.cadiff import CADiffParams
 from models.methods.cadiff import pipeline as cadiff
 from models.methods.cadiff.control import SpatialControl
@@ -73,47 +69,10 @@ def compare_with_anogen(sd: StableDiffusion, resolution: int, steps: int, guidan
             results = cadiff.generate(sd, adapter, items, params, defect="crack", images_per_batch=len(items))
             reweighted.append(results[0].reweighted_from)
 
-        run_anogen()  # warm-up: first calls allocate and pick kernels
-        run_cadiff()
-        runs = {"anogen": [], "cadiff": []}  # (wall s, CPU s) per run
-        for _ in range(repeats):  # alternate, so drifting machine load hits both alike
-            for name, run in (("anogen", run_anogen), ("cadiff", run_cadiff)):
-                runs[name].append(wall_and_cpu(run, sd.device, batch))
-        print(f"batch {batch} (IAR re-weighting from step {reweighted[-1]}):")
-        clocks = ("wall", "CPU") if sd.device.type == "cpu" else ("wall",)
-        for clock, column in zip(clocks, (0, 1)):
-            anogen_s, cadiff_s = ([run[column] for run in runs[name]] for name in runs)
-            anogen_median, cadiff_median = statistics.median(anogen_s), statistics.median(cadiff_s)
-            ratio = cadiff_median / anogen_median
-            print(f"  {clock} time")
-            print(f"    {'AnoGen generate':<24}: {anogen_median:.3f} s/image  (runs: {fmt(anogen_s)})")
-            print(f"    {'CADiff generate':<24}: {cadiff_median:.3f} s/image = {ratio:.2f}x AnoGen "
-                  f"(target <= {TARGET_RATIO}: {'PASS' if ratio <= TARGET_RATIO else 'FAIL'})  (runs: {fmt(cadiff_s)})")
-        if sd.device.type == "cuda":
-            print(f"  images/s: AnoGen {1 / anogen_median:.2f}, CADiff {1 / cadiff_median:.2f}")
+        against_anogen("CADiff", run_cadiff, run_anogen, sd.device, batch, repeats, TARGET_RATIO,
+                       heading=lambda reweighted=reweighted: f" (IAR re-weighting from step {reweighted[-1]})")
     if sd.device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-
-
-def wall_and_cpu(run, device: torch.device, per: int) -> tuple[float, float]:
-    """Wall and process CPU seconds of one run, each divided by `per`."""
-    started = time.process_time()
-    wall = timed(run, device)
-    return wall / per, (time.process_time() - started) / per
-
-
-def anogen_runner(sd: StableDiffusion, resolution: int, steps: int, guidance: float, items):
-    embedding = LearnedEmbedding([anogen.PLACEHOLDER], initial_vectors(sd, "defect", 1))
-    params = AnoGenParams(resolution=resolution, num_inference_steps=steps, guidance_scale=guidance)
-    return lambda: anogen.generate(sd, embedding, items, params, images_per_batch=len(items))
-
-
-def target_mask(resolution: int, number: int) -> np.ndarray:
-    """One of a few target masks on the normal image, each about 4% of it."""
-    mask = np.zeros((resolution, resolution), bool)
-    top, left = (resolution // 8) * (1 + number % 3), (resolution // 8) * (1 + number // 3 % 3)
-    mask[top : top + resolution // 5, left : left + resolution // 5] = True
-    return mask
 
 
 if __name__ == "__main__":

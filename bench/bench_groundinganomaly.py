@@ -22,15 +22,14 @@ the same table at batch 1 and 8, with images/s and peak memory.
 `--model-dir` / `--convnext-dir` reuse saved models (real SD 1.5 and convnext-tiny-224 work too).
 """
 
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.bench_anomalycontrol import anogen_runner, scene, target_mask, wall_and_cpu
-from bench.diffusion_setup import bench_model, diffusion_arguments, fmt
+from bench.bench_anomalycontrol import scene
+from bench.diffusion_setup import against_anogen, anogen_runner, bench_model, diffusion_arguments, target_mask
 from models.diffusion.loading import StableDiffusion
 from models.diffusion.textual_inversion import LearnedEmbedding, initial_vectors
 from models.diffusion.tiny_convnext import build_random_convnext
@@ -89,25 +88,7 @@ def compare_with_anogen(sd: StableDiffusion, adapter, resolution: int, steps: in
         def run_grounding(items=items):
             grounding.generate(sd, adapter, items, params, defect="crack")
 
-        run_anogen()  # warm-up: first calls allocate and pick kernels
-        run_grounding()
-        runs = {"anogen": [], "groundinganomaly": []}  # (wall s, CPU s) per run
-        for _ in range(repeats):  # alternate, so drifting machine load hits both alike
-            for name, run in (("anogen", run_anogen), ("groundinganomaly", run_grounding)):
-                runs[name].append(wall_and_cpu(run, sd.device, batch))
-        print(f"batch {batch}:")
-        clocks = ("wall", "CPU") if sd.device.type == "cpu" else ("wall",)
-        for clock, column in zip(clocks, (0, 1)):
-            anogen_s, grounding_s = ([run[column] for run in runs[name]] for name in runs)
-            anogen_median, grounding_median = statistics.median(anogen_s), statistics.median(grounding_s)
-            ratio = grounding_median / anogen_median
-            print(f"  {clock} time")
-            print(f"    {'AnoGen generate':<26}: {anogen_median:.3f} s/image  (runs: {fmt(anogen_s)})")
-            print(f"    {'GroundingAnomaly generate':<26}: {grounding_median:.3f} s/image = {ratio:.2f}x AnoGen "
-                  f"(target <= {TARGET_RATIO}: {'PASS' if ratio <= TARGET_RATIO else 'FAIL'})  "
-                  f"(runs: {fmt(grounding_s)})")
-        if sd.device.type == "cuda":
-            print(f"  images/s: AnoGen {1 / anogen_median:.2f}, GroundingAnomaly {1 / grounding_median:.2f}")
+        against_anogen("GroundingAnomaly", run_grounding, run_anogen, sd.device, batch, repeats, TARGET_RATIO)
     if sd.device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 

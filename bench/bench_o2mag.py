@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.diffusion_setup import bench_model, diffusion_arguments, fmt, timed
+from bench.diffusion_setup import bench_model, diffusion_arguments, fmt, target_mask, timed
 from models.diffusion.loading import StableDiffusion
 from models.diffusion.textual_inversion import LearnedEmbedding, initial_vectors
 from models.methods.anogen import AnoGenParams
@@ -130,14 +130,6 @@ def scene(resolution: int) -> tuple[Image.Image, np.ndarray, Image.Image]:
     mask = np.zeros((resolution, resolution), bool)
     mask[resolution // 3 : resolution // 2, 2 * resolution // 5 : 3 * resolution // 5] = True
     return reference, mask, normal
-
-
-def target_mask(resolution: int, number: int) -> np.ndarray:
-    """One of a few target masks on the normal image, each about 4% of it."""
-    mask = np.zeros((resolution, resolution), bool)
-    top, left = (resolution // 8) * (1 + number % 3), (resolution // 8) * (1 + number // 3 % 3)
-    mask[top : top + resolution // 5, left : left + resolution // 5] = True
-    return mask
 
 
 if __name__ == "__main__":

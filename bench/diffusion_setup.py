@@ -3,6 +3,7 @@ model of SD 1.5's architecture built on the spot, or a saved one), and small tim
 
 import argparse
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -10,10 +11,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models.diffusion.loading import StableDiffusion, load_sd
+from models.diffusion.textual_inversion import LearnedEmbedding, initial_vectors
 from models.diffusion.tiny import build_random_sd
+from models.methods.anogen import AnoGenParams
+from models.methods.anogen import pipeline as anogen
 
 
 def diffusion_arguments(description: str) -> argparse.ArgumentParser:
@@ -83,3 +88,52 @@ def describe(sd: StableDiffusion, resolution: int, steps: int, guidance: float) 
 
 def fmt(times: list[float]) -> str:
     return ", ".join(f"{t:.3f}" for t in times)
+
+
+def wall_and_cpu(run, device: torch.device, per: int) -> tuple[float, float]:
+    """Wall and process CPU seconds of one run, each divided by `per`. On a shared CPU the CPU time
+    (with one torch thread) counts the work itself, whatever else the machine is running."""
+    started = time.process_time()
+    wall = timed(run, device)
+    return wall / per, (time.process_time() - started) / per
+
+
+def anogen_runner(sd: StableDiffusion, resolution: int, steps: int, guidance: float, items):
+    """AnoGen generate on `items` with an untrained embedding: the baseline the methods are timed against."""
+    embedding = LearnedEmbedding([anogen.PLACEHOLDER], initial_vectors(sd, "defect", 1))
+    params = AnoGenParams(resolution=resolution, num_inference_steps=steps, guidance_scale=guidance)
+    return lambda: anogen.generate(sd, embedding, items, params, images_per_batch=len(items))
+
+
+def target_mask(resolution: int, number: int) -> np.ndarray:
+    """One of a few target masks on the normal image, each about 4% of it."""
+    mask = np.zeros((resolution, resolution), bool)
+    top, left = (resolution // 8) * (1 + number % 3), (resolution // 8) * (1 + number // 3 % 3)
+    mask[top : top + resolution // 5, left : left + resolution // 5] = True
+    return mask
+
+
+def against_anogen(name: str, run_method, run_anogen, device: torch.device, batch: int, repeats: int,
+                   target: float, heading=lambda: "") -> None:
+    """Time `run_method` against `run_anogen` (each making `batch` images), alternately after a warm-up
+    of each, and print per clock the medians per image and their ratio against `target`.
+    `heading()` is read after the runs (what they did, e.g. the step re-weighting started at)."""
+    run_anogen()  # warm-up: first calls allocate and pick kernels
+    run_method()
+    runs = {"AnoGen": [], name: []}  # (wall s, CPU s) per run
+    for _ in range(repeats):  # alternate, so drifting machine load hits both alike
+        for label, run in (("AnoGen", run_anogen), (name, run_method)):
+            runs[label].append(wall_and_cpu(run, device, batch))
+    print(f"batch {batch}{heading()}:")
+    width = len(name) + 10
+    clocks = ("wall", "CPU") if device.type == "cpu" else ("wall",)
+    for clock, column in zip(clocks, (0, 1)):
+        anogen_s, method_s = ([run[column] for run in runs[label]] for label in runs)
+        anogen_median, method_median = statistics.median(anogen_s), statistics.median(method_s)
+        ratio = method_median / anogen_median
+        print(f"  {clock} time")
+        print(f"    {'AnoGen generate':<{width}}: {anogen_median:.3f} s/image  (runs: {fmt(anogen_s)})")
+        print(f"    {name + ' generate':<{width}}: {method_median:.3f} s/image = {ratio:.2f}x AnoGen "
+              f"(target <= {target}: {'PASS' if ratio <= target else 'FAIL'})  (runs: {fmt(method_s)})")
+    if device.type == "cuda":
+        print(f"  images/s: AnoGen {1 / anogen_median:.2f}, {name} {1 / method_median:.2f}")
