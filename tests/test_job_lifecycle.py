@@ -60,7 +60,11 @@ def test_a_killed_generate_job_resumes_where_it_stopped_without_duplicates(isola
     first.kill()  # SIGKILL to the worker and its pool child: no chance to ack, requeue or clean up
     assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
     images = tmp_path / "storage" / "jobs" / job_id / "images" / "pit"
-    kept = {path.name: path.stat().st_mtime_ns for path in images.iterdir()}
+    # A pair is complete once its manifest entry is written (last); the one the kill interrupted may
+    # have its image without an entry, and is made again.
+    entries = tmp_path / "storage" / "jobs" / job_id / "checkpoint" / "pairs"
+    complete = [f"{entry.stem}.png" for entry in entries.glob("*.json")]
+    kept = {name: images.joinpath(name).stat().st_mtime_ns for name in complete}
     assert len(kept) >= at_kill["progress"]["done"]
 
     second = start_worker(env, tmp_path / "worker2.log", queues="gpu", name="rescuer")
