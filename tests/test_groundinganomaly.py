@@ -12,7 +12,7 @@ from models.diffusion.training import CHECKPOINT_FILE
 from models.errors import InputError
 from models.masks.sampling import foreground_mask, sample_target_mask
 from models.methods.groundinganomaly import GroundingAnomalyParams, method, pipeline
-from models.methods.groundinganomaly.gsm import GatedBlocks, attached, lora_config, lora_state
+from models.methods.groundinganomaly.gsm import GatedBlocks, attached, attached_for_sampling, lora_config, lora_state
 from models.methods.groundinganomaly.scm import (
     BACKGROUND,
     FIRST_DEFECT,
@@ -218,3 +218,35 @@ def test_the_learned_source_places_the_sampled_shape_on_the_foreground():
     assert not (mask & ~foreground).any()
     with pytest.raises(ValueError, match="learned mask model"):
         sample_target_mask(MaskSpec(source="learned"), "learned", rng, (SIZE, SIZE))
+
+
+def test_sampling_attach_predicts_what_the_training_attach_predicts_and_the_unet_is_restored_after(tiny_sd, convnext):
+    """attached_for_sampling merges the LoRA and gives the fusers visual-only queries: the same prediction."""
+    unet = tiny_sd.unet
+    width = unet.config.cross_attention_dim
+    scm = SpatialConditioning(torch.randn(4, 32), convnext, width)
+    gated = GatedBlocks(unet, width)
+    for fuser in gated.fusers:
+        fuser.alpha_attn.data.fill_(0.5)
+    processors = [fuser.attn.processor for fuser in gated.fusers]
+    generator = torch.Generator().manual_seed(1)
+    latents, text = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 77, width, generator=generator)
+    t = torch.tensor([500, 20])
+    labels = torch.stack([semantic_map(np.ones((SIZE, SIZE), bool), box_mask(SIZE, SIZE, (0, 0, 30, 30)), 0, SIZE)])
+    weights = {key: value.clone() for key, value in unet.state_dict().items()}
+    frozen = unet(latents, t, text).sample
+    with attached(unet, gated, scm.fusion, lora_config(8)):
+        trained = {key: torch.randn(value.shape, generator=generator) * 0.1 for key, value in lora_state(unet).items()}
+    features = scm.stage_features(labels)
+    grounding = {"gligen": {"stage_features": features}}
+    tokens = features[-1].shape[-2] * features[-1].shape[-1]
+    with attached(unet, gated, scm.fusion, lora_config(8), trained), torch.no_grad():
+        layered = unet(latents, t, text, cross_attention_kwargs=grounding).sample
+    with attached_for_sampling(unet, gated, scm.fusion, lora_config(8), trained, grounding_tokens=tokens):
+        assert not any("lora" in name for name, _ in unet.named_modules())
+        sampled = unet(latents, t, text, cross_attention_kwargs=grounding).sample
+    assert not torch.allclose(layered, frozen, atol=1e-3)  # LoRA and gates change the prediction...
+    torch.testing.assert_close(sampled, layered, rtol=1e-4, atol=1e-5)  # ...and alike when sampling
+    assert [fuser.attn.processor for fuser in gated.fusers] == processors
+    assert all(torch.equal(value, weights[key]) for key, value in unet.state_dict().items())
+    assert set(unet.state_dict()) == set(weights)

@@ -12,11 +12,18 @@
   transformer block's own self- and cross-attention (attn1, attn2), named so that the fusers'
   attention is never a target; injected before the fusers are set, too.
 
-Both are attached inside `restored_after(unet)`: on exit the shared UNet is as it was.
+For training, `attached` puts both on the UNet as trainable layers. For sampling,
+`attached_for_sampling` costs the steps less and computes the same: the LoRA is merged (each
+projection replaced, for the block, by a Linear of weight W + (alpha / r) B A, a new tensor, the
+shared W untouched), and the fusers' attention computes queries for the visual tokens only, the
+only rows of its output GatedSelfAttentionDense keeps.
+
+Both are attached inside `restored_after(unet, ...)`: on exit the shared UNet is as it was.
 Files: `gsm.safetensors` (the fusers in block order, `<n>.<parameter>`), and LoRA in peft's
 format under `lora/` (`adapter_model.safetensors` + peft's `adapter_config.json`).
 """
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,11 +36,13 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
 from models.diffusion.adapters import restored_after
+from models.diffusion.attention import UNetAttention
 
 GSM_FILE = "gsm.safetensors"
 LORA_FOLDER = "lora"
 LORA_FILE = "adapter_model.safetensors"  # peft's name
 # The UNet's own attention projections; the fusers' are `...fuser.attn.to_q` and never match.
+LORA_DOWN, LORA_UP = ".lora_A.weight", ".lora_B.weight"  # peft's state-dict keys, after the layer's name
 LORA_TARGETS = r".*transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
 
 
@@ -107,6 +116,55 @@ def attached(
             unet.get_submodule(name).fuser = fuser
         unet.position_net = position_net
         yield lora_parameters
+
+
+@contextmanager
+def attached_for_sampling(
+    unet: UNet2DConditionModel,
+    gated: GatedBlocks,
+    position_net: torch.nn.Module,
+    lora: LoraConfig,
+    lora_state: dict[str, torch.Tensor] | None,
+    grounding_tokens: int,
+) -> Iterator[None]:
+    """What `attached` gives, for inference only (nothing trainable): the LoRA merged into its
+    projections, and the fusers attending with visual queries only (`grounding_tokens`: how many
+    tokens position_net makes)."""
+    with restored_after(unet, gated), torch.no_grad():
+        if lora_state:
+            scaling = lora.lora_alpha / (math.sqrt(lora.r) if lora.use_rslora else lora.r)
+            if lora.use_dora or lora.rank_pattern or lora.alpha_pattern:
+                raise ValueError("only plain LoRA (one rank and alpha, no DoRA) is merged")
+            for key, down in lora_state.items():
+                if not key.endswith(LORA_DOWN):
+                    continue
+                name = key.removesuffix(LORA_DOWN)
+                up = lora_state[name + LORA_UP]
+                base = unet.get_submodule(name)
+                merged = torch.nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
+                delta = scaling * (up.to(base.weight.device).float() @ down.to(base.weight.device).float())
+                merged.weight = torch.nn.Parameter((base.weight.float() + delta).to(base.weight.dtype),
+                                                   requires_grad=False)
+                merged.bias = base.bias
+                parent, _, child = name.rpartition(".")
+                setattr(unet.get_submodule(parent), child, merged)
+        for name, fuser in zip(gated.blocks, gated.fusers):
+            fuser.attn.set_processor(VisualQueriesOnly(grounding_tokens))
+            unet.get_submodule(name).fuser = fuser
+        unet.position_net = position_net
+        yield
+
+
+class VisualQueriesOnly(UNetAttention):
+    """A fuser's self-attention over [visual | grounding] tokens with queries from the visual tokens
+    alone: the same rows GatedSelfAttentionDense keeps of the full attention, without computing the
+    grounding tokens' rows it drops."""
+
+    def __init__(self, grounding_tokens: int):
+        self.grounding_tokens = grounding_tokens
+
+    def project(self, attn, hidden_states, context):
+        return super().project(attn, hidden_states[:, : -self.grounding_tokens], context)
 
 
 def lora_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:

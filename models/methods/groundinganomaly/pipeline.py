@@ -74,7 +74,15 @@ from models.diffusion.training import train
 from models.errors import InputError
 from models.masks.sampling import foreground_mask, otsu_threshold
 from models.methods.groundinganomaly import GroundingAnomalyParams
-from models.methods.groundinganomaly.gsm import GatedBlocks, attached, load_lora, lora_config, lora_state, save_lora
+from models.methods.groundinganomaly.gsm import (
+    GatedBlocks,
+    attached,
+    attached_for_sampling,
+    load_lora,
+    lora_config,
+    lora_state,
+    save_lora,
+)
 from models.methods.groundinganomaly.scm import SpatialConditioning, semantic_map
 from models.methods.interface import Checkpoints, ProgressCallback
 
@@ -334,10 +342,12 @@ def generate(
         return noised(scheduler, normal_latents, noise[:, i + 1], t) * (1 - region) + latents * region
 
     # 3. DDIM with guidance in one UNet call per step: [unconditional | conditional], the grounding
-    #    tokens (and so the gated blocks) for the conditional half only.
+    #    tokens (and so the gated blocks) for the conditional half only; the LoRA merged, the
+    #    fusers' attention for the visual queries only (gsm.attached_for_sampling).
     report = (lambda done, total: on_progress("generate", done, total)) if on_progress else None
     autocast = torch.autocast(sd.device.type, dtype=torch.float16, enabled=sd.dtype == torch.float16)
-    with attached(sd.unet, adapter.gated, adapter.scm.fusion, adapter.lora, adapter.lora_weights), autocast:
+    with attached_for_sampling(sd.unet, adapter.gated, adapter.scm.fusion, adapter.lora, adapter.lora_weights,
+                               grounding_tokens=features[-1].shape[-2] * features[-1].shape[-1]), autocast:
         latents = ddim_sample(
             sd, scheduler, start, text.expand(count, -1, -1), empty.expand(count, -1, -1), params.guidance_scale,
             before_step=keep_normal_outside if background == "normal" else None, on_step=report,
