@@ -9,6 +9,7 @@ import torch
 from models.diffusion.loading import load_sd
 from models.downstream.params import EvaluateParams
 from models.downstream.train import TrainingSet, predict, train_segmenter
+from models.downstream.unet import GroupNorm
 from models.methods.interface import (
     Checkpoints,
     Exemplar,
@@ -94,3 +95,21 @@ def test_cpu_generation_under_bf16_keeps_the_exact_background(tiny_sd_dir, tmp_p
     for pair in pairs:
         assert label_contract_violation(normals[request.items[pair.index].normal], pair) is None
         assert pair.mask_u8.any()
+
+
+def test_group_norm_on_bf16_channels_last_input_normalises_as_plain_group_norm_and_keeps_the_layout():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 32, 32).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    ours, plain = GroupNorm(8, 16), torch.nn.GroupNorm(8, 16)
+    with torch.no_grad():
+        plain.weight.copy_(torch.rand(16))
+        ours.load_state_dict(plain.state_dict())
+    x_ours, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = ours(x_ours)
+    expected = plain(x_plain)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    out.float().square().sum().backward()
+    expected.float().square().sum().backward()
+    torch.testing.assert_close(x_ours.grad.float(), x_plain.grad.float(), rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(ours.weight.grad, plain.weight.grad, rtol=2e-2, atol=1e-1)

@@ -7,15 +7,27 @@ from torch import nn
 from torch.nn import functional as F
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that normalises bf16 channels-last input (the CPU trainer's) in NCHW and hands it
+    back channels-last: PyTorch's CPU kernel is about 4x slower on that layout, its backward above
+    all (fwd + bwd at 8 x 16 x 256 x 256: 86 ms against 21 ms), and the two copies cost less than
+    the difference. In fp32 they cost more, so fp32 input is normalised as it comes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     """Two 3x3 convolutions, each followed by GroupNorm (batch-size independent) and ReLU."""
     groups = math.gcd(8, out_channels)
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-        nn.GroupNorm(groups, out_channels),
+        GroupNorm(groups, out_channels),
         nn.ReLU(inplace=True),
         nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-        nn.GroupNorm(groups, out_channels),
+        GroupNorm(groups, out_channels),
         nn.ReLU(inplace=True),
     )
 
