@@ -15,6 +15,7 @@ from models.downstream.mvtec import (
     ArchiveLimits,
     DatasetError,
     extract_archive,
+    exemplar_validation_split,
     few_shot_split,
     import_dataset,
     validate_layout,
@@ -243,6 +244,21 @@ def test_few_shot_split(tmp_path):
     assert next(item.path.name for item in split.test if item.defect == "hole") == "002.png"
     assert sum(item.defect == "good" and item.mask is None for item in split.test) == 1
     assert len(split.test) == 1 + 5 + 5
+
+
+def test_exemplar_validation_split_is_made_of_exemplars_and_training_normals_only(tmp_path):
+    root, _ = import_dataset(write_zip(tmp_path / "d.zip", layout(defects=("crack", "hole"), per_defect=12)),
+                             tmp_path / "out")
+    split = few_shot_split(root)
+    validation = exemplar_validation_split(split, held_out_normals=1)
+    assert [e.path.name for e in split.exemplars["crack"]] == ["000.png", "001.png", "002.png", "003.png"]
+    assert [e.path.name for e in validation.exemplars["crack"]] == ["000.png", "002.png"]
+    assert [item.path.name for item in validation.test if item.defect == "crack"] == ["001.png", "003.png"]
+    assert validation.normals == split.normals[:1]
+    assert [item.path for item in validation.test if item.defect == "good"] == split.normals[1:]
+    test_files = {item.path for item in split.test}
+    assert not test_files & {item.path for item in validation.test}  # the real test set stays unseen
+    assert not test_files & {e.path for d in validation.defects for e in validation.exemplars[d]}
 
 
 def test_generated_pairs_round_trip_as_mvtec_zip(tmp_path):

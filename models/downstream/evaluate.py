@@ -72,8 +72,9 @@ class TestScores:
     true_classes: list[int] = field(default_factory=list)
 
 
-def load_real_data(dataset_dir: Path, resolution: int) -> RealData:
-    split = few_shot_split(dataset_dir)
+def load_real_data(dataset_dir: Path, resolution: int, split: FewShotSplit | None = None) -> RealData:
+    """The dataset's few-shot split (or ``split``, e.g. ``mvtec.exemplar_validation_split``), decoded."""
+    split = split or few_shot_split(dataset_dir)
     if not split.normals:
         raise ValueError(f"{dataset_dir}: train/good holds no images")
     channels = image_channels(split.normals)

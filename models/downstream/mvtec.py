@@ -348,6 +348,19 @@ def import_dataset(archive: Path, dest: Path, limits: ArchiveLimits = ArchiveLim
         raise
 
 
+def exemplar_validation_split(split: FewShotSplit, held_out_normals: int = 100) -> FewShotSplit:
+    """A split of the exemplars and normals alone, for choosing a method's parameters without ever
+    seeing the real test set: per defect type every other exemplar (in sorted order, from the
+    second) becomes a validation anomaly, the rest stay exemplars; the last ``held_out_normals``
+    training normals become the validation goods and leave the training normals."""
+    held_out = min(held_out_normals, len(split.normals) // 2)
+    kept = split.normals[: len(split.normals) - held_out]
+    test = [LabelledImage(path) for path in split.normals[len(kept):]]
+    for defect in split.defects:
+        test.extend(split.exemplars[defect][1::2])
+    return FewShotSplit(normals=kept, exemplars={d: split.exemplars[d][0::2] for d in split.defects}, test=test)
+
+
 def few_shot_split(root: Path) -> FewShotSplit:
     """Normals, exemplars (first third of each defect type) and the real test set (the rest + test/good)."""
     root = Path(root)
