@@ -15,6 +15,7 @@ from models.downstream.metrics import (
     curves_from_scores,
     f1_max,
     f1_max_threshold,
+    image_evidence,
     image_score,
     region_overlaps,
     score_bins,
@@ -161,3 +162,18 @@ def test_an_empty_accumulator_has_only_undefined_metrics():
 def test_accumulator_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="differ in shape"):
         SegmentationMetrics().update(np.zeros((4, 4)), np.zeros((4, 5)))
+
+
+def test_one_image_evidence_counts_in_several_accumulators_as_update_does():
+    rng = np.random.default_rng(5)
+    updated, first, second = SegmentationMetrics(), SegmentationMetrics(), SegmentationMetrics()
+    for index in range(6):
+        mask = np.zeros((30, 36), bool)
+        mask[5 + index:15 + index, 4:12] = index % 2 == 1
+        anomaly_map = np.clip(rng.normal(0.3, 0.1, mask.shape) + 0.3 * mask, 0, 1)
+        updated.update(anomaly_map, mask)
+        evidence = image_evidence(anomaly_map, mask)
+        first.add(evidence)
+        second.add(evidence)
+    assert first.compute() == updated.compute() == second.compute()
+    assert first.num_regions == 3 and first.image_labels == [False, True] * 3

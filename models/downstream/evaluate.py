@@ -35,7 +35,7 @@ from models.downstream.arms import (
 from models.downstream.classify import classification_accuracy, predict_classes, train_classifier
 from models.downstream.data import image_channels, image_tensor, mask_array, mask_tensor, open_image
 from models.downstream.fidelity import generation_metrics
-from models.downstream.metrics import SegmentationMetrics
+from models.downstream.metrics import SegmentationMetrics, image_evidence
 from models.downstream.mvtec import FewShotSplit, few_shot_split
 from models.downstream.params import EvaluateParams
 from models.downstream.report import Example, write_report
@@ -292,9 +292,10 @@ def score_test_set(model, real: RealData, device: torch.device,
             height, width = gt_mask.shape
             full_map = np.asarray(Image.fromarray(anomaly_map).resize((width, height), Image.BILINEAR))
             is_anomalous = item.defect != "good"
-            scores.overall.update(full_map, gt_mask, is_anomalous)
+            evidence = image_evidence(full_map, gt_mask, is_anomalous)  # once: a good image counts for every type
+            scores.overall.add(evidence)
             for defect in real.split.defects if not is_anomalous else [item.defect]:
-                scores.per_defect[defect].update(full_map, gt_mask, is_anomalous)
+                scores.per_defect[defect].add(evidence)
             if start + offset in examples:
                 image = images[offset].permute(1, 2, 0).numpy()
                 scores.examples.append(Example(

@@ -13,7 +13,8 @@ cumulative counts.
 - AUPRO streams the same way: for every bin threshold it accumulates each defect region's overlap
   (the share of the region's pixels scored at or above the threshold) and the false-positive rate.
 
-``SegmentationMetrics`` is the accumulator: ``update(anomaly_map, gt_mask)`` per test image, then
+``SegmentationMetrics`` is the accumulator: ``update(anomaly_map, gt_mask)`` per test image (or
+``add(image_evidence(...))``, to count one image in several accumulators at the cost of one), then
 ``compute()``.
 """
 
@@ -156,6 +157,36 @@ def aupro(overlap_sum: np.ndarray, num_regions: int, negative_hist: np.ndarray,
     return float(area / fpr_limit)
 
 
+@dataclass(frozen=True)
+class ImageEvidence:
+    """What every metric needs of one scored test image, computed once: an image counts toward
+    several accumulators (overall, and each defect type's)."""
+
+    positive_hist: np.ndarray  # score-bin histogram of its defect pixels
+    negative_hist: np.ndarray  # ... and of its normal pixels
+    overlaps: np.ndarray  # (regions, bins): region_overlaps
+    image_score: float
+    is_anomalous: bool
+
+
+def image_evidence(anomaly_map: np.ndarray, gt_mask: np.ndarray, is_anomalous: bool | None = None,
+                   num_bins: int = NUM_BINS) -> ImageEvidence:
+    """One image's evidence; it is anomalous when ``is_anomalous`` says so, by default when its mask
+    has any defect pixel."""
+    anomaly_map = np.asarray(anomaly_map, dtype=np.float64)
+    gt_mask = np.asarray(gt_mask) > 0
+    if anomaly_map.shape != gt_mask.shape:
+        raise ValueError(f"anomaly map {anomaly_map.shape} and mask {gt_mask.shape} differ in shape")
+    bins = score_bins(anomaly_map, num_bins)
+    return ImageEvidence(
+        positive_hist=np.bincount(bins[gt_mask], minlength=num_bins),
+        negative_hist=np.bincount(bins[~gt_mask], minlength=num_bins),
+        overlaps=region_overlaps(bins, gt_mask, num_bins),
+        image_score=image_score(anomaly_map),
+        is_anomalous=bool(gt_mask.any()) if is_anomalous is None else is_anomalous,
+    )
+
+
 class SegmentationMetrics:
     """Pixel, image and region metrics of anomaly maps against ground-truth masks, one image at a time.
 
@@ -173,18 +204,16 @@ class SegmentationMetrics:
         self.image_labels: list[bool] = []
 
     def update(self, anomaly_map: np.ndarray, gt_mask: np.ndarray, is_anomalous: bool | None = None) -> None:
-        anomaly_map = np.asarray(anomaly_map, dtype=np.float64)
-        gt_mask = np.asarray(gt_mask) > 0
-        if anomaly_map.shape != gt_mask.shape:
-            raise ValueError(f"anomaly map {anomaly_map.shape} and mask {gt_mask.shape} differ in shape")
-        bins = score_bins(anomaly_map, self.num_bins)
-        self.positive_hist += np.bincount(bins[gt_mask], minlength=self.num_bins)
-        self.negative_hist += np.bincount(bins[~gt_mask], minlength=self.num_bins)
-        overlaps = region_overlaps(bins, gt_mask, self.num_bins)
-        self.overlap_sum += overlaps.sum(axis=0)
-        self.num_regions += len(overlaps)
-        self.image_scores.append(image_score(anomaly_map))
-        self.image_labels.append(bool(gt_mask.any()) if is_anomalous is None else is_anomalous)
+        self.add(image_evidence(anomaly_map, gt_mask, is_anomalous, self.num_bins))
+
+    def add(self, evidence: ImageEvidence) -> None:
+        """Count an image whose evidence is already computed (``image_evidence``, at this num_bins)."""
+        self.positive_hist += evidence.positive_hist
+        self.negative_hist += evidence.negative_hist
+        self.overlap_sum += evidence.overlaps.sum(axis=0)
+        self.num_regions += len(evidence.overlaps)
+        self.image_scores.append(evidence.image_score)
+        self.image_labels.append(evidence.is_anomalous)
 
     def pixel_curves(self) -> Curves:
         return curves_from_histograms(self.positive_hist, self.negative_hist)
