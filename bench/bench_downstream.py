@@ -1,4 +1,4 @@
-"""Downstream segmentation on real defects: transplant, plain paste, draem, cutpaste, draem + transplant.
+"""Downstream segmentation on real defects: transplant (Poisson, feather), paste, draem, cutpaste, draem + transplant.
 
 On the magnetic-tile dataset (MVTec layout, few-shot split from its README: per defect type the
 first third of the sorted files are the exemplars, the rest and test/good the test set), each arm
@@ -6,6 +6,8 @@ trains a U-Net on its synthetic pairs plus the 700 real normal images and is sco
 test set, with the same budget for every arm. The arms:
 
 - transplant: the transplant method with its defaults (augmented, matched, Poisson-blended);
+- transplant-feather: the same with `blend: "feather"`, the variant that scored best on the
+  exemplar validation split (bench.bench_transplant_tuning);
 - paste: transplant as a plain paste, no augmentation (the evaluate job's `baseline_exemplars`);
 - draem, cutpaste: the model-free methods with their defaults;
 - draem+transplant: both sets in one, as an evaluate job combines two generate jobs.
@@ -42,7 +44,7 @@ BUDGETS = {
     "medium": {"pairs": 200, "params": {"train_steps": 800, "resolution": 256, "batch_size": 8, "unet_width": 8}},
     "full": {"pairs": 500, "params": {"train_steps": 3000, "resolution": 256, "batch_size": 16, "unet_width": 16}},
 }
-ARMS = ["transplant", "paste", "draem", "cutpaste", "draem+transplant"]
+ARMS = ["transplant", "transplant-feather", "paste", "draem", "cutpaste", "draem+transplant"]
 COLUMNS = ["pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro", "image_auroc", "image_ap", "image_f1_max"]
 
 
@@ -101,6 +103,8 @@ def _arms(real, pairs: int, seed: int, wanted: list[str]) -> dict:
     makers = {
         "transplant": lambda: model_free_arm("transplant", "transplant", real.normals, pairs, seed,
                                              exemplars=exemplars),
+        "transplant-feather": lambda: model_free_arm("transplant-feather", "transplant", real.normals, pairs, seed,
+                                                     params={"blend": "feather"}, exemplars=exemplars),
         "paste": lambda: exemplar_paste_arm("paste", real.normals, *exemplars, pairs, seed),
         "draem": lambda: model_free_arm("draem", "draem", real.normals, pairs, seed),
         "cutpaste": lambda: model_free_arm("cutpaste", "cutpaste", real.normals, pairs, seed),
