@@ -141,8 +141,9 @@ def test_a_killed_finetune_resumes_from_its_checkpoint(service_sd_dir, tmp_path)
 
         job = wait_until(finished, 90, "the resumed fine-tune", interval=0.05)
         assert job["status"] == "succeeded", job
-        # The rescuer went on from the checkpoint: it never reported a step up to it.
-        assert training_steps_seen and min(training_steps_seen) > checkpointed
+        # The rescuer went on from the checkpoint: it never reported a step before it. (The first
+        # polls may still show the killed worker's last report, which can be the checkpoint's step.)
+        assert training_steps_seen and min(training_steps_seen) >= checkpointed
         keys = {a["key"] for a in client.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]}
         assert f"adapters/{job_id}/saim.safetensors" in keys
         assert not checkpoint.exists()  # dropped once training is done
