@@ -92,7 +92,7 @@ def main():
     print("|" + " --- |" * (len(COLUMNS) + 2))
     for name, arm_runs in runs.items():
         for defect in arm_runs[0][0]["segmentation"]["per_defect"]:
-            cells = [_spread([arm["segmentation"]["per_defect"][defect][c] for arm, _ in arm_runs]) for c in COLUMNS]
+            cells = [spread([arm["segmentation"]["per_defect"][defect][c] for arm, _ in arm_runs]) for c in COLUMNS]
             print(f"| {name} | {defect} | {' | '.join(cells)} |")
     print(f"\ntotal {time.monotonic() - started:.0f} s; reports: {args.out}/seed<N>/<arm>/report.html")
 
@@ -124,10 +124,10 @@ def _arms(real, pairs: int, seed: int, wanted: list[str]) -> dict:
 def _mean_run(arm_runs: list[tuple[dict, float]]) -> tuple[dict, float]:
     """One run's shape whose numbers are "mean ± sd" strings over the seeds' runs (or the one value)."""
     first = arm_runs[0][0]
-    overall = {c: _spread([arm["segmentation"]["overall"][c] for arm, _ in arm_runs]) for c in COLUMNS}
+    overall = {c: spread([arm["segmentation"]["overall"][c] for arm, _ in arm_runs]) for c in COLUMNS}
     accuracies = [arm["classification"]["accuracy"] for arm, _ in arm_runs if arm["classification"]]
     return ({"pairs": first["pairs"], "segmentation": {"overall": overall},
-             "classification": {"accuracy": _spread(accuracies)} if accuracies else None,
+             "classification": {"accuracy": spread(accuracies)} if accuracies else None,
              "training": {"train_seconds": statistics.mean(arm["training"]["train_seconds"] for arm, _ in arm_runs)},
              "wall_seconds": statistics.mean(arm["wall_seconds"] for arm, _ in arm_runs)},
             statistics.mean(seconds for _, seconds in arm_runs))
@@ -145,7 +145,8 @@ def _cell(value: float | str | None) -> str:
     return "-" if value is None else value if isinstance(value, str) else f"{value:.3f}"
 
 
-def _spread(values: list[float]) -> str:
+def spread(values: list[float]) -> str:
+    """A metric over seeds: "mean ± sample sd" (the value alone for one seed)."""
     if len(values) < 2:
         return _cell(values[0])
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"

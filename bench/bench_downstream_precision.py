@@ -16,7 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.bench_downstream import BUDGETS
+from bench.bench_downstream import BUDGETS, spread
 from models.downstream.arms import combine_arms, exemplar_paste_arm, model_free_arm
 from models.downstream.evaluate import evaluate_arms, load_real_data
 from models.downstream.params import EvaluateParams
@@ -33,11 +33,6 @@ def arms_for(real, pairs: int, seed: int) -> list:
                            real.exemplar_defects, pairs, seed),
     ]
     return arms + [combine_arms("combined", arms)]
-
-
-def spread(values: list[float]) -> str:
-    mean = statistics.mean(values)
-    return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
 
 
 def main():

@@ -12,12 +12,11 @@ standard deviation over the seeds of pixel AP, AUPRO and pixel F1-max, overall a
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from bench.bench_downstream import BUDGETS
+from bench.bench_downstream import BUDGETS, spread
 from models.downstream.arms import model_free_arm
 from models.downstream.evaluate import evaluate_arms, load_real_data
 from models.downstream.mvtec import exemplar_validation_split, few_shot_split
@@ -74,16 +73,10 @@ def main():
     print(f"| variant | {' | '.join(METRICS)} | {' | '.join(f'{d} pixel_ap' for d in defects)} |")
     print("|" + " --- |" * (1 + len(METRICS) + len(defects)))
     for name, runs in scores.items():
-        overall = [_spread([run["overall"][m] for run in runs]) for m in METRICS]
-        per_defect = [_spread([run["per_defect"][d]["pixel_ap"] for run in runs]) for d in defects]
+        overall = [spread([run["overall"][m] for run in runs]) for m in METRICS]
+        per_defect = [spread([run["per_defect"][d]["pixel_ap"] for run in runs]) for d in defects]
         print(f"| {name} | {' | '.join(overall + per_defect)} |")
     print(f"\ntotal {time.monotonic() - started:.0f} s")
-
-
-def _spread(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 if __name__ == "__main__":
