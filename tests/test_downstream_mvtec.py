@@ -14,8 +14,8 @@ from PIL import Image
 from models.downstream.mvtec import (
     ArchiveLimits,
     DatasetError,
-    extract_archive,
     exemplar_validation_split,
+    extract_archive,
     few_shot_split,
     import_dataset,
     validate_layout,
