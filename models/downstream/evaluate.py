@@ -40,6 +40,7 @@ from models.downstream.mvtec import FewShotSplit, few_shot_split
 from models.downstream.params import EvaluateParams
 from models.downstream.report import Example, write_report
 from models.downstream.train import ProgressCallback, predict, train_segmenter
+from models.host_memory import reused_host_memory
 from models.precision import Precision, autocast_dtype, precision_name
 
 EXAMPLES_PER_DEFECT = 2
@@ -159,13 +160,14 @@ def evaluate_arms(
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     results, scores_by_arm = {}, {}
-    for number, arm in enumerate(arms, start=1):
-        results[arm.name], scores_by_arm[arm.name] = evaluate_arm(
-            arm, real, params, device=device,
-            on_progress=_prefixed(on_progress, f"arm {number}/{len(arms)} {arm.name}"),
-            checkpoint=checkpoint_dir / f"{arm.name}.pt" if checkpoint_dir is not None else None,
-            inception_weights=inception_weights, lpips_weights=lpips_weights, precision=precision,
-        )
+    with reused_host_memory():  # every training step allocates the same activations again
+        for number, arm in enumerate(arms, start=1):
+            results[arm.name], scores_by_arm[arm.name] = evaluate_arm(
+                arm, real, params, device=device,
+                on_progress=_prefixed(on_progress, f"arm {number}/{len(arms)} {arm.name}"),
+                checkpoint=checkpoint_dir / f"{arm.name}.pt" if checkpoint_dir is not None else None,
+                inception_weights=inception_weights, lpips_weights=lpips_weights, precision=precision,
+            )
 
     metrics = {
         "params": params.model_dump(),
