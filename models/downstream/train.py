@@ -7,8 +7,8 @@ box, pixels the model already calls normal with confidence >= tau get no loss.
 
 The forward pass runs under autocast (``models.precision``): fp16 on CUDA, bf16 on CPUs with native
 bf16 (``precision="auto"``), else fp32; the loss is always computed in fp32 from the logits, and
-the weights and Adam state stay fp32. On the CPU the network and its inputs are laid out
-channels-last (``memory_format``). A checkpoint written every ``CHECKPOINT_EVERY`` steps lets a
+the weights and Adam state stay fp32. On CPUs with AVX-512 the network and its inputs are laid
+out channels-last (``memory_format``). A checkpoint written every ``CHECKPOINT_EVERY`` steps lets a
 redelivered job resume where it stopped.
 """
 
@@ -84,10 +84,14 @@ def sample_batch(data: TrainingSet, batch_size: int, generator: torch.Generator)
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last on the CPU, where oneDNN's convolutions skip a layout conversion per layer on
-    it (measured at 256 px, batch 8: 1.46x per step in fp32, 1.18x in bf16; see
-    bench.bench_downstream_step); CUDA keeps its default layout."""
-    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    """channels_last on CPUs with AVX-512, where oneDNN's convolutions skip a layout conversion per
+    layer on it (a Xeon at 256 px, batch 8: 1.46x per step in fp32, 1.18x in bf16; see
+    bench.bench_downstream_step). Not on AVX2-only CPUs: there the channels-last backward of the
+    convolutions and of GroupNorm is the slower one (an AVX2 EPYC: 0.83x per step in fp32). CUDA
+    keeps its default layout."""
+    if device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512":
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def training_step(model: UNet, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
