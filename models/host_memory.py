@@ -3,9 +3,9 @@
 glibc's malloc hands allocations above its mmap threshold (at most 32 MB) to fresh ``mmap``s and
 unmaps them when freed, and trims the heap's free top back to the kernel. A CPU training step
 allocates and frees the same tens of large activations every step, so each step faults all of
-their pages in again, zero-filled by the kernel: 180,000 page faults (730 MB) per fp32 step of
-the downstream U-Net at 256 px, batch 8, and about a fifth of the step's time
-(``bench.bench_downstream_step``). Inside
+their pages in again, zero-filled by the kernel: 330,000 page faults per fp32 step of the
+downstream U-Net at 256 px, batch 8, and about a fifth of the step's time on an AVX2 EPYC
+(``bench.bench_downstream_step``; how many depends on what the process allocated before). Inside
 ``reused_host_memory()`` malloc neither maps nor trims, so freed blocks serve the next step's
 allocations; on leaving, the defaults come back and the kept memory is returned to the kernel.
 (One thing stays: any explicit mallopt ends glibc's dynamic mmap threshold for the process, which
