@@ -110,7 +110,7 @@ def main():
           f"capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {cpu_has_native_bf16()}; "
           f"U-Net width {args.width}, batch {args.batch}, {args.channels} channel(s); "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
-    if len(chosen) == 4:
+    if trainers.dtype is None:
         print("No bf16 variants: this CPU has no native bf16, so the trainer runs fp32 (bf16 would be emulated).")
     print("\n| px | variant | s/step (median) | speed-up vs fp32 NCHW, fresh maps | page faults/step | first step s "
           "| steps for compile to pay |")

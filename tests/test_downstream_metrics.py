@@ -177,3 +177,5 @@ def test_one_image_evidence_counts_in_several_accumulators_as_update_does():
         second.add(evidence)
     assert first.compute() == updated.compute() == second.compute()
     assert first.num_regions == 3 and first.image_labels == [False, True] * 3
+    # update now goes through add, so also check add's counts against the masks themselves
+    assert first.positive_hist.sum() == 3 * 10 * 8 and first.negative_hist.sum() == 6 * 30 * 36 - 3 * 10 * 8
