@@ -9,7 +9,7 @@ import torch
 from models.diffusion.loading import load_sd
 from models.downstream.params import EvaluateParams
 from models.downstream.train import TrainingSet, predict, train_segmenter
-from models.downstream.unet import GroupNorm
+from models.downstream.unet import GroupNorm, upsample
 from models.methods.interface import (
     Checkpoints,
     Exemplar,
@@ -113,3 +113,21 @@ def test_group_norm_on_bf16_channels_last_input_normalises_as_plain_group_norm_a
     expected.float().square().sum().backward()
     torch.testing.assert_close(x_ours.grad.float(), x_plain.grad.float(), rtol=5e-2, atol=5e-2)
     torch.testing.assert_close(ours.weight.grad, plain.weight.grad, rtol=2e-2, atol=1e-1)
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_upsample_hands_its_backward_a_gradient_in_the_input_layout_with_the_same_values(layout):
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8, 8).to(torch.bfloat16).contiguous(memory_format=layout)
+    skip = torch.randn(2, 8, 16, 16).to(torch.bfloat16).contiguous(memory_format=layout)
+    weights = torch.randn(2, 24, 16, 16).to(torch.bfloat16)
+    x_ours, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = upsample(x_ours)
+    received = []
+    ours.grad_fn.register_prehook(lambda grad_outputs: received.append(grad_outputs[0]))
+    plain = torch.nn.functional.interpolate(x_plain, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(ours, plain, rtol=0, atol=0)
+    (torch.cat([ours, skip], dim=1) * weights).sum().backward()
+    (torch.cat([plain, skip], dim=1) * weights).sum().backward()
+    assert received[0].is_contiguous(memory_format=layout)
+    torch.testing.assert_close(x_ours.grad.float(), x_plain.grad.float(), rtol=1e-2, atol=1e-2)

@@ -19,6 +19,24 @@ class GroupNorm(nn.GroupNorm):
         return super().forward(x)
 
 
+def upsample(x: torch.Tensor) -> torch.Tensor:
+    """Bilinear 2x upsampling whose backward receives its gradient in ``x``'s own layout.
+
+    The gradient arrives as a channel slice of the concatenation's gradient, strided in either
+    layout, and PyTorch's CPU upsample backward takes a slow generic path on strided channels-last
+    input: at the top level of the bf16 trainer at 256 px, 67 ms against 7 ms on a contiguous
+    gradient. One copy into the layout costs a few ms. A step at 256 px, batch 8, on an EPYC with
+    AVX512-BF16: bf16 channels-last 0.71 s against 0.82 s, fp32 channels-last 0.98 s against 1.10 s
+    (medians of alternating runs); NCHW unchanged.
+    """
+    up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    if up.requires_grad:
+        channels_last = up.is_contiguous(memory_format=torch.channels_last) and not up.is_contiguous()
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        up.register_hook(lambda grad: grad.contiguous(memory_format=layout))
+    return up
+
+
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     """Two 3x3 convolutions, each followed by GroupNorm (batch-size independent) and ReLU."""
     groups = math.gcd(8, out_channels)
@@ -64,6 +82,5 @@ class UNet(nn.Module):
             skips.append(x)
         skips.pop()  # the bottom level has no skip: it is x itself
         for block in self.decoder:
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-            x = block(torch.cat([x, skips.pop()], dim=1))
+            x = block(torch.cat([upsample(x), skips.pop()], dim=1))
         return self.head(x)
