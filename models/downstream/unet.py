@@ -31,8 +31,7 @@ def upsample(x: torch.Tensor) -> torch.Tensor:
     """
     up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
     if up.requires_grad:
-        channels_last = up.is_contiguous(memory_format=torch.channels_last) and not up.is_contiguous()
-        layout = torch.channels_last if channels_last else torch.contiguous_format
+        layout = torch.channels_last if up.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         up.register_hook(lambda grad: grad.contiguous(memory_format=layout))
     return up
 
