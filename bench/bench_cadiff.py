@@ -67,7 +67,7 @@ def compare_with_anogen(sd: StableDiffusion, resolution: int, steps: int, guidan
 
         def run_cadiff(items=items, reweighted=reweighted):
             results = cadiff.generate(sd, adapter, items, params, defect="crack", images_per_batch=len(items))
-            reweighted.append(results[0].reweighted_from)
+            reweighted.append(results[0].details["reweighted_from_step"])
 
         against_anogen("CADiff", run_cadiff, run_anogen, sd.device, batch, repeats, TARGET_RATIO,
                        heading=lambda reweighted=reweighted: f" (IAR re-weighting from step {reweighted[-1]})")

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from bench.diffusion_setup import bench_model, diffusion_arguments, fmt, target_mask, timed
+from models.diffusion.generation import GenerateItem
 from models.diffusion.loading import StableDiffusion
 from models.diffusion.textual_inversion import LearnedEmbedding, initial_vectors
 from models.methods.anogen import AnoGenParams
@@ -56,8 +57,8 @@ def compare_with_anogen(sd: StableDiffusion, resolution: int, steps: int, guidan
     reference, reference_mask, normal = scene(resolution)
     embedding = o2mag.optimize_embedding(sd, reference, reference_mask, params.model_copy(update={"ago_steps": 0}),
                                          seed=0)
-    one = [o2mag.O2MAGItem(normal, target_mask(resolution, 0), 0)]
-    many = [o2mag.O2MAGItem(normal, target_mask(resolution, n), n) for n in range(targets)]
+    one = [GenerateItem(normal, target_mask(resolution, 0), 0)]
+    many = [GenerateItem(normal, target_mask(resolution, n), n) for n in range(targets)]
     run_anogen = anogen_runner(sd, resolution, steps, guidance, normal)
 
     def run_o2mag(items):

@@ -158,6 +158,14 @@ class ArtifactList(BaseModel):
     next_cursor: NextCursor = None
 
 
+class MethodComponent(BaseModel):
+    name: str = Field(examples=["controlnet"])
+    summary: str
+    acts_in: Literal["generate", "finetune"] = Field(
+        description="generate: a generate job can drop it (and a fine-tune job, for every generate job of its "
+        "adapter); finetune: it acts only in training, so only a fine-tune job can drop it")
+
+
 class MethodDescription(BaseModel):
     name: str
     family: Literal["model-free", "fine-tune", "training-free"]
@@ -168,6 +176,8 @@ class MethodDescription(BaseModel):
     mask_sources: list[str]
     summary: str
     weights: list[str] = Field(description="settings naming the local weight directories it needs")
+    components: list[MethodComponent] = Field(
+        description="the parts its paper ablates: `params.ablate` names those a job runs without")
     params_schema: dict
 
 

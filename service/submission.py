@@ -173,6 +173,9 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
     if reason:
         raise ApiError(409, "method_unavailable", f"{method.name} is not available here: {reason}")
     params = validated_params(method.params, body.params)
+    ablation_problem = method.ablation_problem(getattr(params, "ablate", ()), body.kind)
+    if ablation_problem:
+        raise ApiError(422, "invalid_params", ablation_problem)
     if body.count > settings.max_count:
         raise ApiError(422, "count_too_large", f"count {body.count} is over the limit of {settings.max_count}")
 

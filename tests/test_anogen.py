@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.diffusion.generation import GenerateItem
 from models.diffusion.textual_inversion import LearnedEmbedding
 from models.methods.anogen import AnoGenParams
 from models.methods.anogen import pipeline as anogen
@@ -36,9 +37,9 @@ def adapter(tiny_sd, exemplars, tmp_path_factory):
 def items():
     """Odd sizes, both modes."""
     return [
-        anogen.GenerateItem(textured_image(90, 120, "RGB", seed=10), box_mask(90, 120, (40, 30, 80, 60)), 101),
-        anogen.GenerateItem(textured_image(75, 61, "L", seed=11), box_mask(75, 61, (10, 10, 30, 50)), 102),
-        anogen.GenerateItem(textured_image(64, 64, "RGB", seed=12), box_mask(64, 64, (0, 0, 20, 20)), 103),
+        GenerateItem(textured_image(90, 120, "RGB", seed=10), box_mask(90, 120, (40, 30, 80, 60)), 101),
+        GenerateItem(textured_image(75, 61, "L", seed=11), box_mask(75, 61, (10, 10, 30, 50)), 102),
+        GenerateItem(textured_image(64, 64, "RGB", seed=12), box_mask(64, 64, (0, 0, 20, 20)), 103),
     ]
 
 
@@ -63,10 +64,10 @@ def test_outside_the_box_the_output_is_the_normal_image_bit_for_bit(tiny_sd, ada
     for item, result in zip(items, results):
         normal, image = np.asarray(item.normal), np.asarray(result.image)
         assert result.image.size == item.normal.size and result.image.mode == item.normal.mode
-        assert np.array_equal(image[~item.box], normal[~item.box])
-        assert (image[item.box] != normal[item.box]).mean() > 0.5  # the box itself was regenerated
-        assert result.mask.dtype == np.uint8 and np.array_equal(result.mask, item.box * np.uint8(255))
-        assert result.weak_label and result.refined_mask is None and result.seed == item.seed
+        assert np.array_equal(image[~item.target_mask], normal[~item.target_mask])
+        assert (image[item.target_mask] != normal[item.target_mask]).mean() > 0.5  # the box itself was regenerated
+        assert result.mask.dtype == np.uint8 and np.array_equal(result.mask, item.target_mask * np.uint8(255))
+        assert result.weak_label and not result.extra_masks and result.seed == item.seed
 
 
 def test_same_seed_same_output_whatever_the_batch(tiny_sd, adapter, items):
@@ -93,12 +94,12 @@ def test_a_saved_and_loaded_adapter_gives_the_same_output(tiny_sd, adapter, item
 def test_the_refined_mask_marks_changed_pixels_inside_the_box(tiny_sd, adapter, items):
     params = PARAMS.model_copy(update={"refined_mask": True})
     for item, result in zip(items, anogen.generate(tiny_sd, adapter[0], items, params)):
-        refined = result.refined_mask
-        assert refined.dtype == np.uint8 and refined.shape == item.box.shape and set(np.unique(refined)) <= {0, 255}
-        assert not refined[~item.box].any() and refined[item.box].any()
+        refined = result.extra_masks["refined_mask"]
+        assert refined.dtype == np.uint8 and refined.shape == item.target_mask.shape and set(np.unique(refined)) <= {0, 255}
+        assert not refined[~item.target_mask].any() and refined[item.target_mask].any()
         changed = np.abs(np.asarray(result.image, int) - np.asarray(item.normal, int))
         changed = changed.max(axis=-1) if changed.ndim == 3 else changed
-        assert changed[refined > 0].mean() > changed[item.box & (refined == 0)].mean()
+        assert changed[refined > 0].mean() > changed[item.target_mask & (refined == 0)].mean()
 
 
 def test_progress_counts_denoising_steps_and_a_raise_cancels(tiny_sd, adapter, items):

@@ -172,8 +172,8 @@ def test_iar_at_unit_intensity_or_never_focused_is_plain_sampling_exactly(tiny_s
         assert (np.asarray(w.image) != np.asarray(p.image)).any(axis=-1).mean() > 0.5  # the paper's whole image
         assert np.array_equal(np.asarray(u.image), np.asarray(p.image))
         assert np.array_equal(np.asarray(n.image), np.asarray(p.image))
-        assert u.reweighted_from is None and n.reweighted_from is None
-        assert a.reweighted_from == 1  # alpha_t is known after step 0: re-weighting from step 1 on
+        assert u.details["reweighted_from_step"] is None and n.details["reweighted_from_step"] is None
+        assert a.details["reweighted_from_step"] == 1  # alpha_t is known after step 0: re-weighting from step 1 on
         assert not np.array_equal(np.asarray(a.image), np.asarray(p.image))
         outside = ~ndimage.binary_dilation(a.mask > 0, np.ones((3, 3), bool), iterations=LABEL_BAND)
         assert np.array_equal(np.asarray(a.image)[outside], np.asarray(p.image)[outside])

@@ -7,6 +7,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from pydantic import ValidationError
 
+from models.diffusion.generation import GenerateItem
 from models.diffusion.loading import fresh_scheduler
 from models.diffusion.sampling import ddim_invert, encode_prompts
 from models.methods.interface import (
@@ -50,9 +51,9 @@ def items():
     """Odd sizes, both modes; the first two share a normal image."""
     shared = textured_image(90, 120, "RGB", seed=10)
     return [
-        o2mag.O2MAGItem(shared, box_mask(90, 120, (40, 30, 80, 60)), 101),
-        o2mag.O2MAGItem(shared, box_mask(90, 120, (5, 50, 30, 85)), 102),
-        o2mag.O2MAGItem(textured_image(75, 61, "L", seed=11), box_mask(75, 61, (10, 10, 30, 50)), 103),
+        GenerateItem(shared, box_mask(90, 120, (40, 30, 80, 60)), 101),
+        GenerateItem(shared, box_mask(90, 120, (5, 50, 30, 85)), 102),
+        GenerateItem(textured_image(75, 61, "L", seed=11), box_mask(75, 61, (10, 10, 30, 50)), 103),
     ]
 
 
@@ -108,7 +109,7 @@ def test_a_wide_fade_reaches_only_the_label_band_outside_the_mask_and_the_rest_i
 
 def test_an_empty_target_mask_gives_the_normal_branch_its_own_reconstruction(tiny_sd, reference, embedding, items):
     normal = items[0].normal
-    empty = o2mag.O2MAGItem(normal, np.zeros((90, 120), bool), 7)
+    empty = GenerateItem(normal, np.zeros((90, 120), bool), 7)
     scheduler = fresh_scheduler(tiny_sd)
     scheduler.set_timesteps(STEPS)
     cond = embedding[None]
@@ -220,7 +221,7 @@ def test_same_seed_same_output_and_seeds_matter_only_with_target_noise(tiny_sd, 
 
 def test_each_normal_image_is_inverted_once_and_progress_counts_every_step(tiny_sd, reference, embedding, items):
     shared, other = items[0].normal, items[2].normal
-    many = [items[0], items[2], items[1], items[0]._replace(seed=5), o2mag.O2MAGItem(shared.copy(), items[1][1], 6)]
+    many = [items[0], items[2], items[1], items[0]._replace(seed=5), GenerateItem(shared.copy(), items[1][1], 6)]
     progress = []
     o2mag.generate(tiny_sd, *reference, many, PARAMS, embedding=embedding, targets_per_call=2,
                    on_progress=lambda *report: progress.append(report))

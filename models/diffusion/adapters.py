@@ -76,6 +76,12 @@ def write_adapter_config(folder: Path, method: str, **config) -> None:
     (folder / CONFIG_FILE).write_text(json.dumps({"method": method, **config}, indent=2), encoding="utf-8")
 
 
+def ablated_components(params, adapter_config: dict | None = None) -> list[str]:
+    """The components a job runs without, sorted: its own `params.ablate` and, for a generate job,
+    those its adapter's fine-tune ablated (recorded as `ablate` in the adapter's config)."""
+    return sorted({*params.ablate, *((adapter_config or {}).get("ablate") or ())})
+
+
 def read_adapter_config(folder: Path, method: str) -> dict:
     """The config of an adapter made by `method`; InputError for a missing or foreign adapter."""
     path = Path(folder) / CONFIG_FILE

@@ -5,6 +5,7 @@ against these before it queues anything, so they must stay importable in the sli
 Unknown names are rejected (``extra="forbid"``): a typo is a 422, not a silently ignored knob.
 """
 
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
@@ -36,6 +37,21 @@ NormalBackground = Annotated[Literal["normal"], Field(
 class StrictModel(BaseModel):
     # Unknown names are a 422; so are infinities and NaN, which no knob means.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def ablation_field(names: Sequence[str]):
+    """The type of a method's `ablate` param: a set of its component names (spec.Component), so an
+    unknown name is a 422 that lists the known ones, and the web page shows them as checkboxes."""
+    return Annotated[list[Literal[tuple(names)]], Field(
+        default_factory=list, max_length=len(names),
+        description="components to run without, as the paper's ablation rows do: " + ", ".join(names)
+        + " (GET /v1/methods says what each does and whether a generate job can drop it)",
+    )]
+
+
+def check_unique(values: Sequence, name: str) -> None:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} has repeated entries")
 
 
 def check_ordered(rng: FloatRange, name: str) -> None:

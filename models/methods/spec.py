@@ -7,7 +7,7 @@ params model (pydantic only, so the slim API image can import it), and the modul
 `models.methods.interface`.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,6 +16,23 @@ from models.weights import missing_weights
 
 Family = Literal["model-free", "fine-tune", "training-free"]
 JobKind = Literal["finetune", "generate"]
+
+
+@dataclass(frozen=True)
+class Component:
+    """A part of a method that its paper ablates: `params.ablate` names it to run the method without
+    it, as the paper's ablation rows do.
+
+    `acts_in` says where dropping it takes effect. "generate": it acts while images are made (a
+    ControlNet, a re-weighting, a start from the normal image), so a generate job drops it; a
+    fine-tune job may name it too, and then its adapter is trained without it and every generate job
+    using that adapter drops it as well. "finetune": it acts only in training (a loss term, a batch
+    mix), so only a fine-tune job can drop it.
+    """
+
+    name: str
+    summary: str
+    acts_in: JobKind
 
 
 @dataclass(frozen=True)
@@ -37,7 +54,20 @@ class MethodSpec:
     # them all): its exemplars must show one product, and a generate job's `defect` must be one the
     # adapter learnt.
     finetune_learns_defect_types: bool = False
+    # The parts its paper ablates; its params' `ablate` takes their names (params.ablation_field).
+    components: tuple[Component, ...] = ()
 
     def unavailable_reason(self, weight_dirs: Mapping[str, str | None]) -> str | None:
         """None when the method can run with these weight settings, else every reason it cannot."""
         return "; ".join(missing_weights(self.weights, weight_dirs)) or None
+
+    def ablation_problem(self, ablate: Sequence[str], kind: JobKind) -> str | None:
+        """None when a `kind` job may drop the components `ablate` names, else why not. Unknown
+        names are refused by the params model (its `ablate` lists the known ones)."""
+        acts_in = {component.name: component.acts_in for component in self.components}
+        training_only = [name for name in ablate if kind == "generate" and acts_in.get(name) == "finetune"]
+        if training_only:
+            return (f"params.ablate: {', '.join(training_only)} act only in training; ablate "
+                    f"{'it' if len(training_only) == 1 else 'them'} on the fine-tune job, whose adapter "
+                    "then carries that into every generate job")
+        return None

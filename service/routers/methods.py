@@ -25,6 +25,7 @@ def list_methods(_: Tenant, settings: SettingsDep):
                 "mask_sources": list(method.mask_sources),
                 "summary": method.summary,
                 "weights": list(method.weights),
+                "components": [vars(component) for component in method.components],
                 "params_schema": method.params.model_json_schema(),
             }
         )

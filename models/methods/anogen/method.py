@@ -48,8 +48,4 @@ def generate(
             sd, embedding, items, request.params, images_per_batch=PAIRS_PER_CALL,
             on_progress=lambda _stage, done, total: on_progress(GENERATING, done, total),
         )
-        yield [
-            Pair(item.index, result.image, result.mask, result.seed, weak_label=True,
-                 extra_masks={} if result.refined_mask is None else {"refined_mask": result.refined_mask})
-            for item, result in zip(call, results)
-        ]
+        yield [result.pair(item.index) for item, result in zip(call, results)]

@@ -17,15 +17,14 @@ batch (up to floating-point differences between batch sizes).
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
 from models.diffusion.adapters import read_adapter_config
+from models.diffusion.generation import GenerateItem, GenerateResult, as_items, blended_ddim, step_reporter
 from models.diffusion.images import (
     check_mask,
     check_mode,
@@ -36,11 +35,11 @@ from models.diffusion.images import (
     pixels_to_array,
 )
 from models.diffusion.loading import StableDiffusion, fresh_scheduler
-from models.diffusion.sampling import ddim_sample, encode_prompts, noised
+from models.diffusion.sampling import encode_prompts
 from models.diffusion.textual_inversion import LearnedEmbedding, placeholder_tokens, train_embedding
 from models.masks.sampling import otsu_threshold
 from models.methods.anogen import AnoGenParams
-from models.methods.interface import Checkpoints, ProgressCallback
+from models.methods.interface import Checkpoints, ProgressCallback, batched
 
 METHOD = "anogen"
 PLACEHOLDER = "<anogen-defect>"
@@ -59,21 +58,6 @@ TRAINING_TEMPLATES = (
 GENERATION_TEMPLATE = "{}"
 # A refined mask ignores changes below this (out of 255): VAE round-trip noise, not defect.
 MIN_CHANGE = 12
-
-
-class GenerateItem(NamedTuple):
-    normal: Image.Image  # "L" or "RGB", any size
-    box: np.ndarray  # bool (H, W) of the normal image: where the defect goes
-    seed: int
-
-
-@dataclass
-class AnoGenResult:
-    image: Image.Image  # same size and mode as the normal image
-    mask: np.ndarray  # uint8 0/255 (H, W): the box
-    refined_mask: np.ndarray | None  # uint8 0/255 (H, W) where the image changed, if asked for
-    seed: int
-    weak_label: bool = True  # `mask` is the box, not the defect's outline
 
 
 def finetune(
@@ -130,75 +114,46 @@ def generate(
     *,
     images_per_batch: int = 4,
     on_progress: ProgressCallback | None = None,
-) -> list[AnoGenResult]:
-    """One anomalous image per (normal image, box mask, seed) item, in order.
+) -> list[GenerateResult]:
+    """One anomalous image per (normal image, box mask, seed) item, in order. Each result's mask
+    is the box (a weak label); with `refined_mask`, its extra mask "refined_mask" marks where the
+    image changed.
 
     adapter: a fine-tune output directory (or its embedding). Up to `images_per_batch` items share
     each UNet call. on_progress("generate", steps done, steps in all) follows every denoising step.
     """
     # 1. Load the adapter and check the items.
     embedding = load_adapter(adapter)
-    items = [GenerateItem(*item) for item in items]
+    items = as_items(items)
     _check_items(items)
 
     # 2. Encode the prompt (the learnt defect token) and the empty prompt for guidance.
     with placeholder_tokens(sd, embedding) as (tokenizer, _), torch.no_grad():
         cond, uncond = encode_prompts(sd, [GENERATION_TEMPLATE.format(embedding.prompt), ""], tokenizer).chunk(2)
 
-    # 3. Generate batch by batch with a fresh scheduler for the job.
+    # 3. Blended DDIM inside each box, batch by batch, with a fresh scheduler for the job.
     scheduler = fresh_scheduler(sd)
     scheduler.set_timesteps(params.num_inference_steps)
-    batches = [items[i : i + images_per_batch] for i in range(0, len(items), images_per_batch)]
+    batches = batched(items, images_per_batch)
     total_steps = len(batches) * params.num_inference_steps
     results = []
     for number, batch in enumerate(batches):
-        on_step = _step_reporter(on_progress, number * params.num_inference_steps, total_steps)
-        results += _generate_batch(sd, scheduler, cond, uncond, batch, params, on_step)
+        on_step = step_reporter(on_progress, number * params.num_inference_steps, total_steps)
+        latents = blended_ddim(sd, scheduler, batch, cond, uncond, params.resolution, params.guidance_scale, on_step)
+        # 4. Decode, and composite the box into the normal image: every pixel outside it is the normal's.
+        for item, pixels in zip(batch, decode(sd, latents)):
+            results.append(_composite(item, pixels, params.refined_mask))
     return results
 
 
-def _step_reporter(on_progress: ProgressCallback | None, steps_before: int, total_steps: int):
-    """A batch's on_step(done, total) that reports job-wide progress."""
-    if on_progress is None:
-        return None
-    return lambda done, _batch_total: on_progress("generate", steps_before + done, total_steps)
-
-
-def _generate_batch(sd, scheduler, cond, uncond, items, params, on_step) -> list[AnoGenResult]:
-    latent_size = params.resolution // sd.vae_scale_factor
-    steps = len(scheduler.timesteps)
-
-    # Normal latents, latent-size boxes, and each item's noise from its own seed: the starting
-    # noise, then one draw per step for noising the normal latents.
-    normal_latents = encode(sd, torch.stack([image_to_pixels(item.normal, params.resolution) for item in items]))
-    boxes = torch.stack([mask_to_latent(item.box, latent_size) for item in items]).to(sd.device)
-    noise_shape = (steps + 1, sd.latent_channels, latent_size, latent_size)
-    noise = torch.stack(
-        [torch.randn(noise_shape, generator=torch.Generator().manual_seed(item.seed)) for item in items]
-    ).to(sd.device)
-
-    def keep_outside_box(i: int, t: int, latents: torch.Tensor) -> torch.Tensor:
-        return noised(scheduler, normal_latents, noise[:, i + 1], t) * (1 - boxes) + latents * boxes
-
-    count = len(items)
-    latents = ddim_sample(
-        sd, scheduler, noise[:, 0], cond.expand(count, -1, -1), uncond.expand(count, -1, -1),
-        params.guidance_scale, before_step=keep_outside_box, on_step=on_step,
-    )
-    latents = normal_latents * (1 - boxes) + latents * boxes  # t = 0: the clean normal latents outside
-    pixels = decode(sd, latents)
-
-    results = []
-    for item, item_pixels in zip(items, pixels):
-        normal = np.asarray(item.normal)
-        generated = pixels_to_array(item_pixels, item.normal.size, item.normal.mode)
-        box = item.box.astype(bool)
-        image = np.where(box[..., None] if normal.ndim == 3 else box, generated, normal)
-        refined = _changed_region(image, normal, box) if params.refined_mask else None
-        results.append(AnoGenResult(
-            image=Image.fromarray(image), mask=box.astype(np.uint8) * 255, refined_mask=refined, seed=item.seed,
-        ))
-    return results
+def _composite(item: GenerateItem, pixels: torch.Tensor, refined_mask: bool) -> GenerateResult:
+    normal = np.asarray(item.normal)
+    generated = pixels_to_array(pixels, item.normal.size, item.normal.mode)
+    box = item.target_mask.astype(bool)
+    image = np.where(box[..., None] if normal.ndim == 3 else box, generated, normal)
+    extra = {"refined_mask": _changed_region(image, normal, box)} if refined_mask else {}
+    return GenerateResult(Image.fromarray(image), box.astype(np.uint8) * 255, item.seed, weak_label=True,
+                          extra_masks=extra)
 
 
 def load_adapter(adapter: str | Path | LearnedEmbedding) -> LearnedEmbedding:
@@ -222,8 +177,8 @@ def _check_exemplars(exemplars, params: AnoGenParams) -> None:
 def _check_items(items: list[GenerateItem]) -> None:
     for number, item in enumerate(items):
         check_mode(item.normal)
-        check_mask(item.box, item.normal)
-        if not np.any(item.box):
+        check_mask(item.target_mask, item.normal)
+        if not np.any(item.target_mask):
             raise ValueError(f"item {number}: the box mask is empty")
 
 

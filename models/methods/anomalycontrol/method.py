@@ -78,8 +78,7 @@ def generate(
         )
         details = {"reference": exemplar.id, "prompt": prompt,
                    "asea_energy": [round(features.energies[0], 6), round(features.energies[-1], 6)]}
-        yield [Pair(item.index, result.image, result.mask, result.seed, details=details)
-               for item, result in zip(call, results)]
+        yield [result.pair(item.index, **details) for item, result in zip(call, results)]
 
 
 def _reference(exemplar: Exemplar, defect: str | None = None) -> pipeline.Reference:

@@ -36,7 +36,6 @@ Choices where the paper is silent, or where a service needs more:
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.diffusion.adapters import check_base_model, model_fingerprint, read_adapter_config, write_adapter_config
+from models.diffusion.generation import GenerateItem, GenerateResult, as_items, blended_ddim, step_reporter
 from models.diffusion.images import (
     check_mask,
     check_mode,
@@ -51,16 +51,15 @@ from models.diffusion.images import (
     encode,
     fade_into_normal,
     image_to_pixels,
-    mask_to_latent,
 )
 from models.diffusion.loading import StableDiffusion, fresh_scheduler
-from models.diffusion.sampling import ddim_sample, encode_prompts, noised
+from models.diffusion.sampling import encode_prompts
 from models.diffusion.training import train
 from models.errors import InputError
 from models.methods.anomalycontrol import AnomalyControlParams
 from models.methods.anomalycontrol.csm import TEXT_TEMPLATE, Blip2, SemanticFeatures, semantic_features
 from models.methods.anomalycontrol.sga import SemanticGuidedAdapter
-from models.methods.interface import Checkpoints, ProgressCallback
+from models.methods.interface import Checkpoints, ProgressCallback, batched
 
 METHOD = "anomalycontrol"
 TARGET_TEMPLATE = "a photo of a {product} with {defect}"  # T_t, the targeted prompt
@@ -75,19 +74,6 @@ class Reference:
     mask: np.ndarray  # bool (H, W): M_A
     product: str
     defect: str
-
-
-class GenerateItem(NamedTuple):
-    normal: Image.Image  # "L" or "RGB", any size
-    target_mask: np.ndarray  # bool (H, W) of the normal image: where the defect goes
-    seed: int
-
-
-@dataclass
-class AnomalyControlResult:
-    image: Image.Image  # same size and mode as the normal image
-    mask: np.ndarray  # uint8 0/255 (H, W): the target mask
-    seed: int
 
 
 def target_prompt(product: str, defect: str, template: str = TARGET_TEMPLATE) -> str:
@@ -223,7 +209,7 @@ def generate(
     features: SemanticFeatures | None = None,
     images_per_batch: int = 8,
     on_progress: ProgressCallback | None = None,
-) -> list[AnomalyControlResult]:
+) -> list[GenerateResult]:
     """One image per (normal image, target mask, seed) item, in order, with the reference's defect
     painted into the item's mask.
 
@@ -235,7 +221,7 @@ def generate(
     # 1. The adapter, the items, and C' of the reference (CSM + ASEA).
     if not isinstance(adapter, LoadedAdapter):
         adapter = load_adapter(adapter, sd, blip2, params.gamma)
-    items = [GenerateItem(*item) for item in items]
+    items = as_items(items)
     _check_references([reference])
     _check_items(items)
     if features is None:
@@ -252,47 +238,20 @@ def generate(
     # 3. Blended latent diffusion, batch by batch, with a fresh scheduler for the job.
     scheduler = fresh_scheduler(sd)
     scheduler.set_timesteps(params.num_inference_steps)
-    batches = [items[i : i + images_per_batch] for i in range(0, len(items), images_per_batch)]
+    batches = batched(items, images_per_batch)
     total = len(batches) * params.num_inference_steps
     results = []
     with adapter.adapter.attached(sd.unet):
         for number, batch in enumerate(batches):
-            on_step = _step_reporter(on_progress, number * params.num_inference_steps, total)
-            latents = _blended_ddim(sd, scheduler, batch, cond, uncond, params, on_step)
+            on_step = step_reporter(on_progress, number * params.num_inference_steps, total)
+            latents = blended_ddim(sd, scheduler, batch, cond, uncond, params.resolution, params.guidance_scale,
+                                   on_step)
             # 4. Decode, and fade each mask into the normal image across its border: exact beyond it.
             for item, pixels in zip(batch, decode(sd, latents)):
                 image = fade_into_normal(item.normal, pixels, item.target_mask, params.mask_dilation)
                 mask = (np.asarray(item.target_mask) > 0).astype(np.uint8) * 255
-                results.append(AnomalyControlResult(image=image, mask=mask, seed=item.seed))
+                results.append(GenerateResult(image, mask, item.seed))
     return results
-
-
-def _step_reporter(on_progress: ProgressCallback | None, steps_before: int, total_steps: int):
-    """A batch's on_step(done, total) that reports the call's progress."""
-    if on_progress is None:
-        return None
-    return lambda done, _batch_total: on_progress("generate", steps_before + done, total_steps)
-
-
-def _blended_ddim(sd, scheduler, items: list[GenerateItem], cond, uncond, params, on_step) -> torch.Tensor:
-    """Clean latents (k, 4, h, w): DDIM from each item's noise, the normal image's latents (noised to
-    each step) kept outside its mask, and its clean latents there at the end."""
-    latent_size = params.resolution // sd.vae_scale_factor
-    steps = len(scheduler.timesteps)
-    normal_latents = encode(sd, torch.stack([image_to_pixels(item.normal, params.resolution) for item in items]))
-    masks = torch.stack([mask_to_latent(item.target_mask, latent_size) for item in items]).to(sd.device)
-    noise_shape = (steps + 1, sd.latent_channels, latent_size, latent_size)
-    noise = torch.stack(
-        [torch.randn(noise_shape, generator=torch.Generator().manual_seed(item.seed)) for item in items]
-    ).to(sd.device)
-
-    def keep_outside_mask(i: int, t: int, latents: torch.Tensor) -> torch.Tensor:
-        return noised(scheduler, normal_latents, noise[:, i + 1], t) * (1 - masks) + latents * masks
-
-    count = len(items)
-    latents = ddim_sample(sd, scheduler, noise[:, 0], cond.expand(count, -1, -1), uncond.expand(count, -1, -1),
-                          params.guidance_scale, before_step=keep_outside_mask, on_step=on_step)
-    return normal_latents * (1 - masks) + latents * masks
 
 
 def _check_references(references: Sequence[Reference]) -> None:

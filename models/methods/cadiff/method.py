@@ -61,9 +61,4 @@ def generate(
             sd, adapter, items, request.params, defect=defect, images_per_batch=PAIRS_PER_CALL,
             on_progress=lambda _stage, done, total: on_progress(GENERATING, done, total),
         )
-        yield [
-            Pair(item.index, result.image, result.mask, result.seed,
-                 details={"defect": defect, "intensity": round(result.intensity, 6),
-                          "reweighted_from_step": result.reweighted_from})
-            for item, result in zip(call, results)
-        ]
+        yield [result.pair(item.index, defect=defect) for item, result in zip(call, results)]

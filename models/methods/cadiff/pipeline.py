@@ -55,6 +55,7 @@ from PIL import Image
 
 from models.diffusion.adapters import check_base_model, model_fingerprint, read_adapter_config, write_adapter_config
 from models.diffusion.attention import attention_processors, select_layers
+from models.diffusion.generation import GenerateItem, GenerateResult, as_items, step_reporter
 from models.diffusion.images import (
     check_mask,
     check_mode,
@@ -87,7 +88,7 @@ from models.methods.cadiff.losses import (
     localization_loss,
     pooled_token_features,
 )
-from models.methods.interface import Checkpoints, ProgressCallback
+from models.methods.interface import Checkpoints, ProgressCallback, batched
 
 METHOD = "cadiff"
 CONTEXT_TOKEN = "<cadiff-context>"
@@ -109,21 +110,6 @@ class Losses(NamedTuple):
     caldm: torch.Tensor
     loc: torch.Tensor
     contrastive: torch.Tensor
-
-
-class GenerateItem(NamedTuple):
-    normal: Image.Image  # "L" or "RGB", any size
-    target_mask: np.ndarray  # bool (H, W) of the normal image: where the defect goes
-    seed: int
-
-
-@dataclass
-class CADiffResult:
-    image: Image.Image  # same size and mode as the normal image
-    mask: np.ndarray  # uint8 0/255 (H, W): the target mask
-    seed: int
-    intensity: float
-    reweighted_from: int | None  # the first step IAR re-weighted, None if it never started
 
 
 def prompt_for(defect_token: str | None) -> str:
@@ -339,8 +325,9 @@ def generate(
     reweighting: bool = True,
     images_per_batch: int = 8,
     on_progress: ProgressCallback | None = None,
-) -> list[CADiffResult]:
-    """One image per (normal image, target mask, seed) item, in order, with `defect` in the mask.
+) -> list[GenerateResult]:
+    """One image per (normal image, target mask, seed) item, in order, with `defect` in the mask;
+    each result's details give its intensity and the first step IAR re-weighted (None: never).
 
     background: "normal" keeps the normal image outside the mask, "generated" is the whole generated
     image (the paper's output). reweighting: False samples without IAR (the reference the IAR tests
@@ -350,7 +337,7 @@ def generate(
     # 1. The adapter and the items; each pair's intensity from its seed.
     if not isinstance(adapter, CADiffAdapter):
         adapter = load_adapter(adapter, sd)
-    items = [GenerateItem(*item) for item in items]
+    items = as_items(items)
     _check_items(items)
     prompt = adapter.prompt(defect)
 
@@ -362,12 +349,12 @@ def generate(
     # 3. Controlled DDIM with IAR, batch by batch, with a fresh scheduler for the job.
     scheduler = fresh_scheduler(sd)
     scheduler.set_timesteps(params.num_inference_steps)
-    batches = [items[i : i + images_per_batch] for i in range(0, len(items), images_per_batch)]
+    batches = batched(items, images_per_batch)
     total = len(batches) * params.num_inference_steps
     results = []
     with adapter.control.attached(sd.unet, sampling=True):
         for number, batch in enumerate(batches):
-            report = _step_reporter(on_progress, number * params.num_inference_steps, total)
+            report = step_reporter(on_progress, number * params.num_inference_steps, total)
             intensities = [intensity_of(item.seed, params.intensity) for item in batch]
             latents, schedule = _controlled_ddim(sd, scheduler, adapter.control, batch, cond, uncond, params,
                                                  anomaly_column, intensities if reweighting else None, background,
@@ -378,17 +365,11 @@ def generate(
                     image = fade_into_normal(item.normal, pixels, item.target_mask, params.mask_dilation)
                 else:
                     image = Image.fromarray(pixels_to_array(pixels, item.normal.size, item.normal.mode))
-                results.append(CADiffResult(
-                    image=image, mask=(np.asarray(item.target_mask) > 0).astype(np.uint8) * 255, seed=item.seed,
-                    intensity=intensities[index], reweighted_from=schedule.started_at[index] if schedule else None,
-                ))
+                mask = (np.asarray(item.target_mask) > 0).astype(np.uint8) * 255
+                details = {"intensity": round(intensities[index], 6),
+                           "reweighted_from_step": schedule.started_at[index] if schedule else None}
+                results.append(GenerateResult(image, mask, item.seed, details=details))
     return results
-
-
-def _step_reporter(on_progress: ProgressCallback | None, steps_before: int, total_steps: int):
-    if on_progress is None:
-        return lambda _done, _total: None
-    return lambda done, _batch_total: on_progress("generate", steps_before + done, total_steps)
 
 
 def _controlled_ddim(sd, scheduler, control: SpatialControl, items: list[GenerateItem], cond, uncond,

@@ -81,5 +81,4 @@ def generate(
             on_progress=lambda _stage, done, total: on_progress(GENERATING, done, total),
         )
         details = {"defect": defect, "mask_source": request.masks.source}
-        yield [Pair(item.index, result.image, result.mask, result.seed, details=details)
-               for item, result in zip(call, results)]
+        yield [result.pair(item.index, **details) for item, result in zip(call, results)]

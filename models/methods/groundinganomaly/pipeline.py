@@ -42,7 +42,6 @@ Deviations and choices where the paper is silent:
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -52,6 +51,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from models.diffusion.adapters import check_base_model, model_fingerprint, read_adapter_config, write_adapter_config
+from models.diffusion.generation import GenerateItem, GenerateResult, as_items, step_reporter
 from models.diffusion.images import (
     check_mask,
     check_mode,
@@ -102,19 +102,6 @@ class Exemplar:
     image: Image.Image  # "L" or "RGB"
     mask: np.ndarray  # bool (H, W)
     defect: str
-
-
-class GenerateItem(NamedTuple):
-    normal: Image.Image
-    target_mask: np.ndarray  # bool (H, W) of the normal image
-    seed: int
-
-
-@dataclass
-class GroundingAnomalyResult:
-    image: Image.Image  # the normal image's size and mode
-    mask: np.ndarray  # uint8 0/255: the target mask
-    seed: int
 
 
 @dataclass
@@ -300,7 +287,7 @@ def generate(
     defect: str,
     background: str = "normal",
     on_progress: ProgressCallback | None = None,
-) -> list[GroundingAnomalyResult]:
+) -> list[GenerateResult]:
     """One image per (normal image, target mask, seed) item, in order, with `defect` in its mask.
 
     background: "normal" (the normal image outside the mask, exactly) or "generated" (the
@@ -309,7 +296,7 @@ def generate(
     """
     if background not in ("normal", "generated"):
         raise ValueError(f"background is 'normal' or 'generated', not {background!r}")
-    items = [GenerateItem(*item) for item in items]
+    items = as_items(items)
     for item in items:
         check_mode(item.normal)
         check_mask(item.target_mask, item.normal)
@@ -344,7 +331,7 @@ def generate(
     # 3. DDIM with guidance in one UNet call per step: [unconditional | conditional], the grounding
     #    tokens (and so the gated blocks) for the conditional half only; the LoRA merged, the
     #    fusers' attention for the visual queries only (gsm.attached_for_sampling).
-    report = (lambda done, total: on_progress("generate", done, total)) if on_progress else None
+    report = step_reporter(on_progress, 0, steps)
     autocast = torch.autocast(sd.device.type, dtype=torch.float16, enabled=sd.dtype == torch.float16)
     with attached_for_sampling(sd.unet, adapter.gated, adapter.scm.fusion, adapter.lora, adapter.lora_weights,
                                grounding_tokens=features[-1].shape[-2] * features[-1].shape[-1]), autocast:
@@ -364,7 +351,7 @@ def generate(
         else:
             image = Image.fromarray(pixels_to_array(pixels, item.normal.size, item.normal.mode))
         mask = (np.asarray(item.target_mask) > 0).astype(np.uint8) * 255
-        results.append(GroundingAnomalyResult(image=image, mask=mask, seed=item.seed))
+        results.append(GenerateResult(image, mask, item.seed))
     return results
 
 

@@ -61,10 +61,7 @@ def generate(
             sd, reference.image, reference.mask, items, request.params, embedding=embedding, reference_path=path,
             on_progress=lambda _stage, done, total: on_progress(GENERATING, done, total),
         )
-        yield [
-            Pair(item.index, result.image, result.mask, result.seed, details={"reference": reference.id})
-            for item, result in zip(call, results)
-        ]
+        yield [result.pair(item.index, reference=reference.id) for item, result in zip(call, results)]
 
 
 def _ago_embedding(

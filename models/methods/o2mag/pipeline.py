@@ -53,9 +53,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -66,6 +64,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.diffusion.attention import AttentionLayer, UNetAttention, attention_layers, attention_processors
+from models.diffusion.generation import GenerateItem, GenerateResult, as_items
 from models.diffusion.images import (
     check_mask,
     check_mode,
@@ -90,19 +89,6 @@ AGO_SEED = 0  # AGO's randomness when `generate` runs it itself
 AGO_PARAMS = ("resolution", "prompt", "ago_steps", "ago_learning_rate")
 AGO_VERSION = 1
 EMBEDDING_KEY = "embedding"
-
-
-class O2MAGItem(NamedTuple):
-    normal: Image.Image  # "L" or "RGB", any size
-    target_mask: np.ndarray  # bool (H, W) of the normal image: M_T, where the anomaly goes (may be empty)
-    seed: int
-
-
-@dataclass
-class O2MAGResult:
-    image: Image.Image  # same size and mode as the normal image
-    mask: np.ndarray  # uint8 0/255 (H, W): M_T
-    seed: int
 
 
 def ago_cache_key(reference_image: Image.Image, reference_mask: np.ndarray, params: O2MAGParams) -> str:
@@ -179,14 +165,14 @@ def generate(
     sd: StableDiffusion,
     reference_image: Image.Image,
     reference_mask: np.ndarray,
-    items: Sequence[O2MAGItem | tuple[Image.Image, np.ndarray, int]],
+    items: Sequence[GenerateItem | tuple[Image.Image, np.ndarray, int]],
     params: O2MAGParams,
     *,
     embedding: torch.Tensor | None = None,
     reference_path: torch.Tensor | None = None,
     targets_per_call: int = 4,
     on_progress: ProgressCallback | None = None,
-) -> list[O2MAGResult]:
+) -> list[GenerateResult]:
     """One image per (normal image, target mask, seed) item, in order, with the reference's anomaly
     (image, mask M_R) grown into the item's target mask M_T.
 
@@ -199,7 +185,7 @@ def generate(
     stage alike, so done / total is the call's progress.
     """
     # 1. Check the inputs; group the items by normal image, each group in batches of targets.
-    items = [O2MAGItem(*item) for item in items]
+    items = as_items(items)
     _check_reference(reference_image, reference_mask)
     _check_items(items)
     if targets_per_call < 1:
@@ -232,7 +218,7 @@ def generate(
 
     # 4. Per normal image: invert it once under the empty prompt (N's path), then denoise its
     #    targets batch by batch beside R and N.
-    results: list[O2MAGResult | None] = [None] * len(items)
+    results: list[GenerateResult | None] = [None] * len(items)
     for first, batches in groups:
         normal_latents = encode(sd, image_to_pixels(items[first].normal, params.resolution)[None])
         normal_path = _inverted_path(sd, scheduler, normal_latents, uncond, progress.stage("invert"))
@@ -349,7 +335,7 @@ def _denoise_targets(
     reference_path: torch.Tensor,
     normal_path: torch.Tensor,
     reference_mask: np.ndarray,
-    targets: list[O2MAGItem],
+    targets: list[GenerateItem],
     cond: torch.Tensor,
     uncond: torch.Tensor,
     params: O2MAGParams,
@@ -391,7 +377,7 @@ def _denoise_targets(
     return normal_path[0] * (1 - masks) + latents[SOURCES:] * masks  # t = 0: the clean normal latents outside
 
 
-def _target_start(normal_noise: torch.Tensor, masks: torch.Tensor, targets: list[O2MAGItem], share: float):
+def _target_start(normal_noise: torch.Tensor, masks: torch.Tensor, targets: list[GenerateItem], share: float):
     """T's starting latents: N's inverted noise, with inside M_T a `share` (in standard deviation)
     of fresh noise from each item's seed, variance kept."""
     fresh = torch.stack([
@@ -432,15 +418,15 @@ def _masked_diffusion_loss(sd, scheduler, latents, mask, embedding, t, noise) ->
     return masked_mse(prediction, noise, mask)
 
 
-def _composite(item: O2MAGItem, pixels: torch.Tensor, band: int) -> O2MAGResult:
+def _composite(item: GenerateItem, pixels: torch.Tensor, band: int) -> GenerateResult:
     """The generated pixels on M_T, fading into the normal image across a `band` pixels wide ring
     on M_T's border (at most LABEL_BAND of them outside M_T), the normal's beyond."""
     image = fade_into_normal(item.normal, pixels, item.target_mask, band)
     mask = (np.asarray(item.target_mask) > 0).astype(np.uint8) * 255
-    return O2MAGResult(image=image, mask=mask, seed=item.seed)
+    return GenerateResult(image, mask, item.seed)
 
 
-def _group_by_normal(items: list[O2MAGItem]) -> list[list[int]]:
+def _group_by_normal(items: list[GenerateItem]) -> list[list[int]]:
     """Indices of the items on each distinct normal image (same pixels), in order of first use."""
     groups: dict[bytes, list[int]] = {}
     for index, item in enumerate(items):
@@ -463,7 +449,7 @@ def _check_reference(image: Image.Image, mask: np.ndarray) -> None:
         raise ValueError("the reference mask is empty: there is no anomaly to take")
 
 
-def _check_items(items: list[O2MAGItem]) -> None:
+def _check_items(items: list[GenerateItem]) -> None:
     for item in items:
         check_mode(item.normal)
         check_mask(item.target_mask, item.normal)
