@@ -128,6 +128,20 @@ def test_the_training_loop_resumes_exactly_and_refuses_another_runs_checkpoint(t
         regression(seed=2, steps=7, checkpoints=checkpoints)
 
 
+def test_the_training_loop_reports_each_terms_mean_over_the_last_steps():
+    weight = torch.zeros(1, requires_grad=True)
+
+    def loss_at(step, _generator):
+        pull = (weight - 1).pow(2).sum()
+        return {"total": pull + step, "pull": pull, "step": torch.tensor(float(step))}
+
+    final = train({"weight": weight}, torch.optim.SGD([weight], lr=0.0), loss_at, steps=60, seed=0, run={},
+                  device=torch.device("cpu"), mixed_precision=False)
+    assert set(final) == {"total", "pull", "step"}
+    assert final["step"] == pytest.approx(sum(range(10, 60)) / 50)  # the last REPORTED_STEPS = 50 steps
+    assert final["pull"] == pytest.approx(1.0) and final["total"] == pytest.approx(1.0 + final["step"])
+
+
 def test_adapter_configs_name_their_method_and_base_model(tmp_path, tiny_sd_dir):
     fingerprint = model_fingerprint(tiny_sd_dir)
     write_adapter_config(tmp_path, "cadiff", sd_model=fingerprint, tokens=["<a>"])

@@ -14,6 +14,7 @@
 
 import json
 import os
+from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -25,7 +26,11 @@ from models.methods.interface import Checkpoints
 CHECKPOINT_FILE = "training_checkpoint.pt"
 
 Trainable = torch.nn.Module | torch.Tensor
-LossAt = Callable[[int, torch.Generator], torch.Tensor]  # (step, that step's generator) -> loss
+# (step, that step's generator) -> the loss, or a mapping of named terms whose "total" is optimised
+# (the others are reported: a method's loss terms, as they enter the total)
+LossAt = Callable[[int, torch.Generator], torch.Tensor | Mapping[str, torch.Tensor]]
+TOTAL = "total"
+REPORTED_STEPS = 50  # the final loss values are means over this many last steps (one step's is noise)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -47,8 +52,10 @@ def train(
     checkpoints: Checkpoints | None = None,
     on_step: Callable[[int, int], None] | None = None,
     max_grad_norm: float | None = None,
-) -> None:
-    """Optimise `trainables` (what `optimizer` holds, by name) for `steps` steps of `loss_at`.
+) -> dict[str, float]:
+    """Optimise `trainables` (what `optimizer` holds, by name) for `steps` steps of `loss_at`; return
+    the final loss values: each term's mean over the last REPORTED_STEPS steps this call ran
+    ("total" for a plain loss; empty when a resumed run had no step left).
 
     run: what the run was made with (method settings, data shapes); a checkpoint is resumed only
     if it records the same, and the same seed. mixed_precision: fp16 autocast and loss scaling, for a fp16 frozen
@@ -58,11 +65,16 @@ def train(
     run_json = json.dumps({**run, "seed": seed}, sort_keys=True)
     start = _resume(checkpoints, run_json, trainables, optimizer, scaler) if checkpoints else 0
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    recent: deque[dict[str, float]] = deque(maxlen=REPORTED_STEPS)
     for step in range(start, steps):
         with torch.enable_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=mixed_precision):
-            loss = loss_at(step, step_generator(seed, step))
+            terms = loss_at(step, step_generator(seed, step))
+        if isinstance(terms, torch.Tensor):
+            terms = {TOTAL: terms}
+        loss = terms[TOTAL]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss.float()).backward()
+        recent.append({name: float(value.detach()) for name, value in terms.items()})
         if max_grad_norm is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
@@ -74,6 +86,7 @@ def train(
             checkpoints.saved()
         if on_step is not None:
             on_step(done, steps)
+    return {name: float(np.mean([values[name] for values in recent])) for name in (recent[0] if recent else {})}
 
 
 def _state(trainable: Trainable):
