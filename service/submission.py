@@ -197,6 +197,8 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
     if body.kind == "finetune" and method.finetune_learns_defect_types:
         check_one_product(method.name, exemplars + normals)
 
+    if body.kind == "finetune":
+        params = params.for_training_set(len(exemplars), len(normals))
     masks = body.masks.model_copy(update={"source": body.masks.source or method.default_mask_source})
     if masks.source not in method.mask_sources:
         raise ApiError(

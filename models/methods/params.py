@@ -128,3 +128,9 @@ class FinetuneParams(DiffusionParams):
     train_steps: int = Field(default=1000, ge=1, le=100_000, description="fine-tune: optimiser steps")
     learning_rate: float = Field(default=1e-4, gt=0, le=1.0, description="fine-tune: learning rate")
     batch_size: int = Field(default=4, ge=1, le=64, description="fine-tune: images per step")
+
+    def for_training_set(self, exemplars: int, normals: int) -> "FinetuneParams":
+        """These params with the defaults that depend on the training set filled in: a method whose
+        paper gives its schedule in epochs derives `train_steps` from the number of images. The API
+        stores the result, so a job's record and progress show the steps it will run."""
+        return self
