@@ -13,6 +13,9 @@ from models.diffusion.loading import StableDiffusion
 from models.methods.interface import LABEL_BAND
 
 SUPPORTED_MODES = ("L", "RGB")
+# The least weight the generated pixels get anywhere on a faded mask (_border_fade): a thin part of
+# the mask changes plainly, if less than a thick part's core.
+MASK_WEIGHT_FLOOR = 0.5
 
 
 def check_mode(image: Image.Image) -> None:
@@ -79,7 +82,7 @@ def fade_into_normal(normal: Image.Image, pixels: torch.Tensor, mask: np.ndarray
     pixels wide ring on the mask's border (a hard cut would leave a seam, a cue a defect segmenter
     could learn), the normal's beyond: an image of the normal's size and mode. The ring reaches at
     most LABEL_BAND pixels outside the mask (the label contract's blend band) and lies inside it
-    for the rest."""
+    for the rest; no pixel of the mask gets less than MASK_WEIGHT_FLOOR of the generated one."""
     array = np.asarray(normal)
     generated = pixels_to_array(pixels, normal.size, normal.mode)
     weight = _border_fade(np.asarray(mask) > 0, band)
@@ -91,15 +94,22 @@ def fade_into_normal(normal: Image.Image, pixels: torch.Tensor, mask: np.ndarray
 def _border_fade(mask: np.ndarray, band: int) -> np.ndarray:
     """float32 (H, W): 1 on the mask's core, falling linearly (chessboard distance) to 0 at most
     LABEL_BAND pixels outside the mask. The core is the mask eroded by the band's inner part
-    (band - LABEL_BAND pixels), less where the mask is too thin to keep a core."""
-    core = torch.from_numpy(mask).float()[None, None]
-    inner = 0
+    (band - LABEL_BAND pixels), less where the mask is too thin to keep a core.
+
+    Eroding the whole mask leaves its thin parts (a crack's 1 px tail, a small blob beside a big
+    one) farther from the core than the ramp reaches: they would be labelled defect and left
+    normal. So every mask pixel also gets at least MASK_WEIGHT_FLOOR, fading out over the same
+    min(band, LABEL_BAND) pixels outside the mask; for a band of at most LABEL_BAND the core is the
+    mask itself and the floor changes nothing."""
+    whole = torch.from_numpy(mask).float()[None, None]
+    outer = min(band, LABEL_BAND)
+    core, inner = whole, 0
     while inner < band - LABEL_BAND:
         eroded = 1 - F.max_pool2d(1 - core, 3, stride=1, padding=1)
         if not eroded.any():
             break
         core, inner = eroded, inner + 1
-    return _feathered(core, inner + min(band, LABEL_BAND))
+    return np.maximum(_feathered(core, inner + outer), MASK_WEIGHT_FLOOR * _feathered(whole, outer))
 
 
 def _feathered(core: torch.Tensor, radius: int) -> np.ndarray:

@@ -25,8 +25,8 @@ During generation, the stage GENERATING reports the steps of the current call; a
 as `models.errors.InputError`.
 
 Every method keeps the label contract (`label_contract_violation`): outside its written mask,
-plus a blend band of at most LABEL_BAND pixels, a pair's image is its normal image, exactly. The
-worker checks every pair before writing it.
+plus a blend band of at most LABEL_BAND pixels, a pair's image is its normal image, exactly, and
+every connected component of the mask has changed. The worker checks every pair before writing it.
 """
 
 from collections import OrderedDict
@@ -250,8 +250,10 @@ class Pair:
 
 def label_contract_violation(normal: Image.Image, pair: Pair, band: int = LABEL_BAND) -> str | None:
     """None when `pair` keeps the label contract on `normal`, else what breaks it: the image must
-    have the normal image's size and mode, the mask its size, and every pixel farther than `band`
-    pixels (chessboard distance) from the mask must be the normal image's, exactly."""
+    have the normal image's size and mode, the mask its size, every pixel farther than `band`
+    pixels (chessboard distance) from the mask must be the normal image's, exactly, and every
+    connected component of the mask (8-connected) must have a pixel that differs from it: one
+    with none labels a defect that was never painted."""
     if pair.image.size != normal.size or pair.image.mode != normal.mode:
         return (f"pair {pair.index}: the image is {pair.image.mode} {pair.image.size}, its normal image "
                 f"{normal.mode} {normal.size}")
@@ -266,4 +268,12 @@ def label_contract_violation(normal: Image.Image, pair: Pair, band: int = LABEL_
     if outside:
         return (f"pair {pair.index}: {outside} pixels farther than {band} px from the written mask differ "
                 "from the normal image")
+    components, _ = ndimage.label(mask, np.ones((3, 3), bool))
+    for number, box in enumerate(ndimage.find_objects(components), start=1):
+        component = components[box] == number
+        if not changed[box][component].any():
+            rows, cols = box
+            return (f"pair {pair.index}: component {number} of the written mask ({np.count_nonzero(component)} px, "
+                    f"bounding box x0, y0, x1, y1 = {cols.start}, {rows.start}, {cols.stop}, {rows.stop}) is "
+                    "the normal image exactly: the label marks a defect that was not painted")
     return None
