@@ -30,7 +30,7 @@ every connected component of the mask has changed. The worker checks every pair 
 """
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -248,6 +248,34 @@ class Pair:
         return (np.asarray(self.mask) > 0).astype(np.uint8) * 255
 
 
+def changed_pixels(image: Image.Image, normal: Image.Image) -> np.ndarray:
+    """bool (H, W): where `image` differs from `normal` (same size and mode) in any channel."""
+    changed = np.asarray(image) != np.asarray(normal)
+    return changed.any(axis=2) if changed.ndim == 3 else changed
+
+
+def unpainted_components(
+    mask: np.ndarray, changed: np.ndarray
+) -> Iterator[tuple[int, tuple[slice, slice], np.ndarray]]:
+    """The 8-connected components of `mask` with no `changed` pixel: (number, bounding box, the
+    component's pixels within the box) each."""
+    components, _ = ndimage.label(mask, np.ones((3, 3), bool))
+    for number, box in enumerate(ndimage.find_objects(components), start=1):
+        component = components[box] == number
+        if not changed[box][component].any():
+            yield number, box, component
+
+
+def painted_part(mask: np.ndarray, image: Image.Image, normal: Image.Image) -> np.ndarray:
+    """bool (H, W): `mask` without its components where `image` is `normal` exactly. A blend that
+    rounds back to the normal's values on a one-pixel speck painted nothing there, and the label must
+    not claim a defect that is not in the image."""
+    painted = np.asarray(mask) > 0
+    for _, box, component in unpainted_components(painted, changed_pixels(image, normal)):
+        painted[box][component] = False
+    return painted
+
+
 def label_contract_violation(normal: Image.Image, pair: Pair, band: int = LABEL_BAND) -> str | None:
     """None when `pair` keeps the label contract on `normal`, else what breaks it: the image must
     have the normal image's size and mode, the mask its size, every pixel farther than `band`
@@ -261,19 +289,13 @@ def label_contract_violation(normal: Image.Image, pair: Pair, band: int = LABEL_
     if mask.shape != (normal.height, normal.width):
         return f"pair {pair.index}: the mask is {mask.shape[::-1]}, its normal image {normal.size}"
     near = ndimage.binary_dilation(mask, np.ones((3, 3), bool), iterations=band) if band else mask
-    changed = np.asarray(pair.image) != np.asarray(normal)
-    if changed.ndim == 3:
-        changed = changed.any(axis=2)
+    changed = changed_pixels(pair.image, normal)
     outside = np.count_nonzero(changed & ~near)
     if outside:
         return (f"pair {pair.index}: {outside} pixels farther than {band} px from the written mask differ "
                 "from the normal image")
-    components, _ = ndimage.label(mask, np.ones((3, 3), bool))
-    for number, box in enumerate(ndimage.find_objects(components), start=1):
-        component = components[box] == number
-        if not changed[box][component].any():
-            rows, cols = box
-            return (f"pair {pair.index}: component {number} of the written mask ({np.count_nonzero(component)} px, "
-                    f"bounding box x0, y0, x1, y1 = {cols.start}, {rows.start}, {cols.stop}, {rows.stop}) is "
-                    "the normal image exactly: the label marks a defect that was not painted")
+    for number, (rows, cols), component in unpainted_components(mask, changed):
+        return (f"pair {pair.index}: component {number} of the written mask ({np.count_nonzero(component)} px, "
+                f"bounding box x0, y0, x1, y1 = {cols.start}, {rows.start}, {cols.stop}, {rows.stop}) is "
+                "the normal image exactly: the label marks a defect that was not painted")
     return None

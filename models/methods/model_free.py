@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from models.methods.interface import GenerateRequest, Item, Pair, batched
+from models.methods.interface import GenerateRequest, Item, Pair, batched, painted_part
 
 NativeMask = Callable[[np.random.Generator, tuple[int, int], object], np.ndarray]  # (rng, size, params)
 Synthesize = Callable[[Image.Image, np.ndarray, np.random.Generator], Image.Image]  # (normal, mask, rng)
@@ -24,8 +24,10 @@ def model_free_pairs(
 
 
 def model_free_pair(request: GenerateRequest, item: Item, native_mask: NativeMask, synthesize: Synthesize) -> Pair:
-    """Item's pair: one generator from its seed draws the mask (1), then the defect (2)."""
+    """Item's pair: one generator from its seed draws the mask (1), then the defect (2); the label is
+    the mask's painted part (a blend can round back to the normal's values on a one-pixel speck)."""
     rng = np.random.default_rng(item.seed)
     mask = request.target_mask(item, rng, native=lambda mask_rng, size: native_mask(mask_rng, size, request.params))
-    image = synthesize(request.normals[item.normal], mask, rng)
-    return Pair(item.index, image, mask.astype(np.uint8) * 255, item.seed)
+    normal = request.normals[item.normal]
+    image = synthesize(normal, mask, rng)
+    return Pair(item.index, image, painted_part(mask, image, normal).astype(np.uint8) * 255, item.seed)
