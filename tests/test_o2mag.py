@@ -1,5 +1,8 @@
 """O2MAG on the tiny model: tri-branch grafting, AGO, DAE, compositing, caching and progress."""
 
+import math
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from models.diffusion.generation import GenerateItem
+from models.diffusion.images import mask_to_latent
 from models.diffusion.loading import fresh_scheduler
 from models.diffusion.sampling import ddim_invert, encode_prompts
 from models.methods.interface import (
@@ -20,7 +24,7 @@ from models.methods.interface import (
     job_items,
     label_contract_violation,
 )
-from models.methods.o2mag import O2MAGParams
+from models.methods.o2mag import COMPONENTS, O2MAGParams
 from models.methods.o2mag import method as o2mag_method
 from models.methods.o2mag import pipeline as o2mag
 from models.methods.params import MaskSpec
@@ -139,14 +143,128 @@ def test_the_reference_outside_its_mask_never_reaches_the_output(tiny_sd, refere
     outputs, changed_outputs = run(tiny_sd, reference, items, embedding), run(tiny_sd, changed, items, embedding)
     assert all(not np.array_equal(a, b) for a, b in zip(outputs, changed_outputs))  # R inside M_R does reach it
     assert o2mag.ago_cache_key(*reference, PARAMS) != o2mag.ago_cache_key(*changed, PARAMS)
+    # Through the graft alone (the embedding is fixed here): without it the reference's pixels reach nothing.
+    no_graft = PARAMS.model_copy(update={"ablate": ["graft"]})
+    assert same(run(tiny_sd, reference, items[:1], embedding, no_graft),
+                run(tiny_sd, changed, items[:1], embedding, no_graft))
 
 
 def test_dae_factor_one_is_exactly_no_dae(tiny_sd, reference, embedding, items):
     factor_one = run(tiny_sd, reference, items, embedding, PARAMS.model_copy(update={"dae_factor": 1.0}))
     empty_window = run(tiny_sd, reference, items, embedding, PARAMS.model_copy(update={"dae_window": (0.5, 0.5)}))
     boosted = run(tiny_sd, reference, items, embedding, PARAMS.model_copy(update={"dae_factor": 3.0}))
-    assert same(factor_one, empty_window)
+    ablated = run(tiny_sd, reference, items, embedding,
+                  PARAMS.model_copy(update={"dae_factor": 3.0, "ablate": ["dae"]}))
+    assert same(factor_one, empty_window) and same(factor_one, ablated)
     assert all(not np.array_equal(a, b) for a, b in zip(factor_one, boosted))
+
+
+@pytest.mark.parametrize("ablate", [[], ["dae"]])
+def test_dae_scales_the_targets_attention_inside_their_masks_only_and_only_in_its_window(
+        tiny_sd, reference, embedding, items, monkeypatch, ablate):
+    """Every controlled layer's output at every step against an independent computation of DAE."""
+    recorded = []
+
+    class RecordingControl(o2mag.AttentionControl):
+        def boost(self, out):
+            recorded.append((out, super().boost(out)))
+            return recorded[-1][1]
+
+    monkeypatch.setattr(o2mag, "AttentionControl", RecordingControl)
+    params = PARAMS.model_copy(update={"dae_factor": 3.0, "dae_window": (0.3, 0.7), "ablate": ablate})
+    targets = items[:2]  # one normal image: one batch of [R, N, T1, T2] per guidance half
+    run(tiny_sd, reference, targets, embedding, params)
+    layers = len(o2mag.controlled_layers(tiny_sd.unet, params.graft_resolutions))
+    assert len(recorded) == STEPS * layers  # each layer once per step, both guidance halves in one call
+    for number, (out, boosted) in enumerate(recorded):
+        step = number // layers
+        factor = 3.0 if 0.3 <= step / STEPS < 0.7 and not ablate else 1.0  # steps 2, 3 and 4 of 6
+        side = math.isqrt(out.shape[2])
+        inside = torch.stack([mask_to_latent(item.target_mask, side).flatten() > 0 for item in targets])
+        expected = out.unflatten(0, (2, 4)).clone()
+        expected[:, 2:] = torch.where(inside[None, :, None, :, None], factor * expected[:, 2:], expected[:, 2:])
+        torch.testing.assert_close(boosted, expected.flatten(0, 1), rtol=0, atol=0)
+    assert sum(not torch.equal(out, boosted) for out, boosted in recorded) == (0 if ablate else 3 * layers)
+
+
+@contextmanager
+def branch_keys_and_values_perturbed(unet, branch: int, batch: int):
+    """Noise added to one branch's keys and values in every controlled self-attention layer while
+    sampling (rows `branch`, `branch + batch`: the branch in each guidance half of [R, N, T..]),
+    not in the inversions."""
+    def perturb(_module, _inputs, output):
+        if len(output) != 2 * batch:
+            return output
+        output = output.clone()
+        noise = torch.randn(output[branch::batch].shape, generator=torch.Generator().manual_seed(0))
+        output[branch::batch] += output.std() * noise
+        return output
+
+    handles = [
+        getattr(unet.get_submodule(layer.name.removesuffix(".processor")), projection).register_forward_hook(perturb)
+        for layer in o2mag.controlled_layers(unet, PARAMS.graft_resolutions) if layer.kind == "self"
+        for projection in ("to_k", "to_v")
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("component, branch", [("graft", o2mag.REFERENCE), ("background", o2mag.NORMAL)])
+def test_each_grafted_source_reaches_the_target_through_its_keys_and_values_unless_ablated(
+        tiny_sd, reference, embedding, items, component, branch):
+    """R's (graft) and N's (background) keys/values perturbed in the controlled layers: the target
+    changes; with that source ablated, not a bit of it (R and N reach T through nothing else there)."""
+    target = items[2:]  # one target: [R, N, T] per guidance half
+    for ablate in ([], [component]):
+        params = PARAMS.model_copy(update={"ablate": ablate})
+        plain = run(tiny_sd, reference, target, embedding, params)
+        with branch_keys_and_values_perturbed(tiny_sd.unet, branch, o2mag.SOURCES + 1):
+            perturbed = run(tiny_sd, reference, target, embedding, params)
+        assert same(plain, perturbed) == bool(ablate), ablate
+
+
+@pytest.fixture(scope="module")
+def with_everything(tiny_sd, reference, items):
+    """Outputs with nothing ablated, AGO run inside generate (a few large steps, so it moves)."""
+    return o2mag.generate(tiny_sd, *reference, items, AGO_PARAMS)
+
+
+AGO_PARAMS = PARAMS.model_copy(update={"ago_steps": 3, "ago_learning_rate": 0.1})
+
+
+@pytest.mark.parametrize("component", [component.name for component in COMPONENTS])
+def test_each_ablation_changes_the_output_only_inside_the_mask_and_band_and_keeps_the_label_contract(
+        tiny_sd, reference, items, with_everything, component):
+    ablated = o2mag.generate(tiny_sd, *reference, items, AGO_PARAMS.model_copy(update={"ablate": [component]}))
+    for item, full, without in zip(items, with_everything, ablated):
+        band = binary_dilation(item.target_mask, min(PARAMS.mask_dilation, LABEL_BAND))
+        full_image, image = np.asarray(full.image), np.asarray(without.image)
+        assert np.array_equal(image[~band], full_image[~band]) and np.array_equal(without.mask, full.mask)
+        assert (image[item.target_mask] != full_image[item.target_mask]).any(), component
+        assert label_contract_violation(item.normal, Pair(0, without.image, without.mask, 0)) is None
+
+
+def test_ago_moves_the_embedding_off_the_prompts_and_ablated_it_is_the_prompts(tiny_sd, reference, embedding, items):
+    with torch.no_grad():
+        prompt = encode_prompts(tiny_sd, [PARAMS.prompt])[0].float()
+    optimised = o2mag.optimize_embedding(tiny_sd, *reference, AGO_PARAMS, seed=0)
+    progress = []
+    ablated = o2mag.optimize_embedding(tiny_sd, *reference, AGO_PARAMS.model_copy(update={"ablate": ["ago"]}), seed=0,
+                                       on_progress=lambda *report: progress.append(report))
+    assert torch.equal(ablated, prompt) and torch.equal(embedding, prompt) and progress == []
+    assert (optimised - prompt).norm() > 0.1 * prompt.norm()
+    # It changes the noise prediction of the target branch...
+    latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])
+    with torch.no_grad():
+        predictions = [tiny_sd.unet(latents, t, encoder_hidden_states=e[None]).sample for e in (optimised, prompt)]
+    assert not torch.allclose(*predictions, atol=1e-3)
+    # ...and, run inside generate with AGO ablated, the output is the prompt embedding's to the bit.
+    without_ago = o2mag.generate(tiny_sd, *reference, items[2:], AGO_PARAMS.model_copy(update={"ablate": ["ago"]}))
+    assert same([np.asarray(r.image) for r in without_ago], run(tiny_sd, reference, items[2:], prompt, AGO_PARAMS))
 
 
 def test_ago_lowers_its_loss_and_leaves_the_model_alone(tiny_sd, reference):
@@ -198,8 +316,13 @@ def test_the_cache_key_covers_what_ago_depends_on_and_nothing_else(reference):
     assert len(key) == 64 and int(key, 16) >= 0 and key == o2mag.ago_cache_key(*reference, PARAMS.model_copy())
     for change in ({"ago_steps": 499}, {"ago_learning_rate": 0.01}, {"prompt": "a scratch"}, {"resolution": 128}):
         assert o2mag.ago_cache_key(*reference, PARAMS.model_copy(update=change)) != key
-    for change in ({"guidance_scale": 3.0}, {"dae_factor": 2.0}, {"num_inference_steps": 20}, {"mask_dilation": 0}):
+    for change in ({"guidance_scale": 3.0}, {"dae_factor": 2.0}, {"num_inference_steps": 20}, {"mask_dilation": 0},
+                   {"ablate": ["dae", "graft", "background"]}):
         assert o2mag.ago_cache_key(*reference, PARAMS.model_copy(update=change)) == key
+    # Without AGO the embedding is the prompt's, whatever the steps: one cache entry, that of 0 steps.
+    no_ago = O2MAGParams(ablate=["ago"])
+    assert o2mag.ago_cache_key(*reference, no_ago) == o2mag.ago_cache_key(*reference, O2MAGParams(ago_steps=0))
+    assert o2mag.ago_cache_key(*reference, no_ago) != o2mag.ago_cache_key(*reference, O2MAGParams())
     image, mask = reference
     assert o2mag.ago_cache_key(image.convert("L"), mask, PARAMS) != key
     assert o2mag.ago_cache_key(image, np.roll(mask, 1, axis=0), PARAMS) != key
@@ -261,12 +384,14 @@ def test_sampling_never_computes_an_explicit_attention_matrix(tiny_sd, reference
     run(tiny_sd, reference, items[:1], embedding, PARAMS.model_copy(update={"dae_factor": 2.0}))
 
 
-def test_grafted_attention_is_masked_attention_to_the_right_branch():
-    """Against an explicit computation: 2 guidance halves of [R, N, T1, T2], 4x4 tokens."""
+@pytest.mark.parametrize("ablate", [[], ["graft"], ["background"], ["graft", "background"]])
+def test_grafted_attention_is_masked_attention_to_the_right_branch(ablate):
+    """Against an explicit computation: 2 guidance halves of [R, N, T1, T2], 4x4 tokens. An ablated
+    source leaves the target its own keys/values there."""
     side, heads, dim = 4, 2, 8
     reference_mask = box_mask(side, side, (1, 1, 3, 2))
     target_masks = [box_mask(side, side, (0, 0, 2, 2)), np.zeros((side, side), bool)]
-    control = o2mag.AttentionControl(reference_mask, target_masks, {side}, torch.device("cpu"))
+    control = o2mag.AttentionControl(reference_mask, target_masks, {side}, torch.device("cpu"), ablate)
     control.grafting = True
     query, key, value = torch.randn((3, 2 * 4, heads, side * side, dim), generator=torch.Generator().manual_seed(0))
     attn = type("Attn", (), {"scale": dim**-0.5})()
@@ -283,9 +408,10 @@ def test_grafted_attention_is_masked_attention_to_the_right_branch():
         for number, mask in enumerate(target_masks):
             t = half + 2 + number
             inside = torch.from_numpy(mask.flatten())[:, None]
-            expected = torch.where(inside, explicit(query[t], key[r][:, defect], value[r][:, defect]),
-                                   explicit(query[t], key[n], value[n]))
-            torch.testing.assert_close(out[t], expected)
+            own = explicit(query[t], key[t], value[t])
+            grafted = own if "graft" in ablate else explicit(query[t], key[r][:, defect], value[r][:, defect])
+            background = own if "background" in ablate else explicit(query[t], key[n], value[n])
+            torch.testing.assert_close(out[t], torch.where(inside, grafted, background))
 
     control.dae_scale = 2.0
     boosted = o2mag.GraftedSelfAttention(control).attend(attn, query, key, value)
@@ -335,11 +461,14 @@ def test_params_follow_the_paper_and_refuse_nonsense():
     assert params.graft_resolutions == [32, 64] and params.graft_start * 50 == 4
     for bad in ({"unknown": 1}, {"graft_start": 1.0}, {"dae_window": (0.7, 0.3)}, {"dae_window": (0.5, 1.5)},
                 {"graft_resolutions": [48]}, {"graft_resolutions": []}, {"graft_resolutions": [32, 32]},
-                {"dae_factor": 0.5}, {"target_noise": 2}, {"mask_dilation": -1}):
+                {"dae_factor": 0.5}, {"target_noise": 2}, {"mask_dilation": -1}, {"ablate": ["saim"]},
+                {"ablate": ["dae", "dae"]}):
         with pytest.raises(ValidationError):
             O2MAGParams(**bad)
     parsed = O2MAGParams.model_validate({"graft_resolutions": [16, 64], "dae_window": [0.2, 0.8]})
-    assert parsed.dae_window == (0.2, 0.8) and parsed.graft_resolutions == [16, 64]
+    assert parsed.dae_window == (0.2, 0.8) and parsed.graft_resolutions == [16, 64] and parsed.ablate == []
+    assert [c.name for c in METHODS["o2mag"].components] == ["graft", "background", "ago", "dae"]
+    assert all(c.acts_in == "generate" for c in COMPONENTS)  # no fine-tune: everything acts while images are made
 
 
 # -- the method interface (models.methods.o2mag.method): several references, once per job each ----------------
@@ -386,3 +515,15 @@ def test_each_reference_is_optimised_and_inverted_once_per_job_and_its_masks_are
     # A second job finds both embeddings in the cache.
     list(o2mag_method.generate(request, calls[:1], lambda *_: None))
     assert counted["optimize_embedding"] == 2
+
+
+def test_every_pair_records_what_its_job_ablated_and_without_ago_no_step_is_taken(tiny_sd_dir):
+    reference = Exemplar("ref", textured_image(64, 64, "RGB", seed=3), box_mask(64, 64, (20, 20, 40, 40)), "p", "d")
+    request = interface_request(tiny_sd_dir, [reference], [textured_image(64, 64, "RGB", seed=5)], 2)
+    request.params = request.params.model_copy(update={"ablate": ["dae", "ago"]})
+    stages = []
+    pairs = [pair for batch in o2mag_method.generate(request, o2mag_method.calls(request),
+                                                       lambda stage, *_: stages.append(stage))
+             for pair in batch]
+    assert [pair.details["ablated"] for pair in pairs] == [["ago", "dae"]] * 2  # sorted
+    assert "optimising the text embedding" not in stages

@@ -9,8 +9,22 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from models.methods.params import DiffusionParams, FloatRange, check_ordered
-from models.methods.spec import MethodSpec
+from models.methods.params import DiffusionParams, FloatRange, ablation_field, check_ordered, check_unique
+from models.methods.spec import Component, MethodSpec
+
+# What the paper ablates: TriAG's two grafted attention sources, AGO and DAE. All act while images
+# are made (there is no fine-tune), so a generate job can drop any of them.
+COMPONENTS = (
+    Component("graft", "TriAG's reference branch: inside the target mask the target's self-attention takes the "
+              "reference's keys/values inside its mask (ablated: the target attends to its own tokens there)",
+              "generate"),
+    Component("background", "TriAG's normal branch: outside the target mask the target's self-attention takes the "
+              "normal image's keys/values (ablated: the target attends to its own tokens there)", "generate"),
+    Component("ago", "Anomaly-Guided Optimisation of the text embedding on the reference inside its mask "
+              "(ablated: the prompt's own embedding, as with ago_steps 0)", "generate"),
+    Component("dae", "Dual Attention Enhancement: the target's self- and cross-attention outputs inside the mask "
+              "scaled by dae_factor over dae_window (ablated: no scaling, as with dae_factor 1)", "generate"),
+)
 
 
 class O2MAGParams(DiffusionParams):
@@ -50,8 +64,11 @@ class O2MAGParams(DiffusionParams):
         "inside the mask; 0: the paper's start, the normal image's inverted noise, and no dependence on the seed",
     )
 
+    ablate: ablation_field([component.name for component in COMPONENTS])
+
     @model_validator(mode="after")
     def _check(self):
+        check_unique(self.ablate, "ablate")
         check_ordered(self.dae_window, "dae_window")
         if not (0 <= self.dae_window[0] and self.dae_window[1] <= 1):
             raise ValueError("dae_window must lie in [0, 1]")
@@ -72,4 +89,5 @@ SPEC = MethodSpec(
     implementation="models.methods.o2mag.method",
     weights=("SD_MODEL_DIR",),
     generate_needs_references=True,
+    components=COMPONENTS,
 )

@@ -3,7 +3,9 @@
 - References: the job's exemplars, spread over the outputs in turn (`Item.reference`). Each
   output's target mask is jittered from its own reference's mask.
 - Per reference, once per job: its AGO embedding (from the cache when an earlier job on the same
-  model, pixels and AGO params made it; else optimised and cached) and its DDIM inversion.
+  model, pixels and AGO params made it; else optimised and cached; with "ago" ablated, the
+  prompt's own) and its DDIM inversion.
+- Every pair's manifest entry records what the job ablated (`ablated`).
 - Calls: the outputs of one (reference, normal image) pair, up to PAIRS_PER_CALL at a time: they
   share the normal image's inversion.
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from models.diffusion.adapters import model_fingerprint
+from models.diffusion.adapters import ablated_components, model_fingerprint
 from models.diffusion.loading import StableDiffusion, load_sd
 from models.methods.interface import (
     GENERATING,
@@ -42,6 +44,7 @@ def generate(
 ) -> Iterator[list[Pair]]:
     sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device, request.precision)
     prepared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # reference -> (embedding, inverted path)
+    ablated = ablated_components(request.params)  # no adapter: the job's own
     for call in calls:
         position = call[0].reference
         reference = request.exemplars[position]
@@ -61,7 +64,7 @@ def generate(
             sd, reference.image, reference.mask, items, request.params, embedding=embedding, reference_path=path,
             on_progress=lambda _stage, done, total: on_progress(GENERATING, done, total),
         )
-        yield [result.pair(item.index, reference=reference.id) for item, result in zip(call, results)]
+        yield [result.pair(item.index, reference=reference.id, ablated=ablated) for item, result in zip(call, results)]
 
 
 def _ago_embedding(

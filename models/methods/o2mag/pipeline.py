@@ -25,6 +25,11 @@ controlled layers, are multiplied by `dae_factor` (prompt-to-prompt style re-wei
 renormalisation), so the defect's signal holds its own against the surrounding normal features
 and small defects do not wash out.
 
+Ablations (`params.ablate`, the paper's ablation rows; the manifest records them): "graft" and
+"background" each take one of T's grafted key/value sources away, and T attends to its own tokens
+there instead (both: T's plain self-attention); "ago" uses the prompt's own embedding (as
+`ago_steps` 0); "dae" scales nothing (as `dae_factor` 1). With nothing ablated none of this adds work.
+
 Choices where the paper is silent, or where a service needs more:
 - Only the reference inside M_R is ever seen: its pixels outside M_R are set to the mean colour
   inside before anything else, so neither R's features nor the AGO embedding can depend on the
@@ -52,7 +57,7 @@ select, never an explicit attention matrix.
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -98,11 +103,17 @@ def ago_cache_key(reference_image: Image.Image, reference_mask: np.ndarray, para
     _check_reference(reference_image, reference_mask)
     inside = np.asarray(_reference_inside_mask(reference_image, reference_mask))
     settings = {"method": METHOD, "version": AGO_VERSION, "mode": reference_image.mode,
-                "shape": list(inside.shape), **{name: getattr(params, name) for name in AGO_PARAMS}}
+                "shape": list(inside.shape), **{name: getattr(params, name) for name in AGO_PARAMS},
+                "ago_steps": ago_steps(params)}  # "ago" ablated: the prompt's embedding, as with 0 steps
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update(np.packbits(np.asarray(reference_mask) > 0).tobytes())
     digest.update(inside.tobytes())
     return digest.hexdigest()
+
+
+def ago_steps(params: O2MAGParams) -> int:
+    """The Adam steps AGO takes: none when it is ablated (the prompt's own embedding serves)."""
+    return 0 if "ago" in params.ablate else params.ago_steps
 
 
 def optimize_embedding(
@@ -118,8 +129,9 @@ def optimize_embedding(
     the reference inside M_R well.
 
     Adam on E||(eps - eps_theta(z_t, t, e)) * M_R||^2, starting from the embedding of
-    `params.prompt`, one random timestep and noise per step drawn from `seed`.
-    on_progress("ago", step, ago_steps) follows every step and may raise to stop.
+    `params.prompt`, one random timestep and noise per step drawn from `seed`; with "ago" ablated,
+    no step: the prompt's embedding. on_progress("ago", step, steps) follows every step and may
+    raise to stop.
     """
     # 1. The reference (its inside only) to latents; M_R to latent-size loss weights.
     _check_reference(reference_image, reference_mask)
@@ -135,7 +147,8 @@ def optimize_embedding(
     generator = torch.Generator().manual_seed(seed)
 
     # 3. Adam steps on the masked diffusion loss.
-    for step in range(params.ago_steps):
+    steps = ago_steps(params)
+    for step in range(steps):
         t = torch.randint(scheduler.config.num_train_timesteps, (1,), generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
         loss = _masked_diffusion_loss(sd, scheduler, latents, loss_mask, embedding, t, noise)
@@ -144,7 +157,7 @@ def optimize_embedding(
         scaler.step(optimizer)
         scaler.update()
         if on_progress is not None:
-            on_progress("ago", step + 1, params.ago_steps)
+            on_progress("ago", step + 1, steps)
     return embedding.detach().cpu()
 
 
@@ -177,12 +190,12 @@ def generate(
     (image, mask M_R) grown into the item's target mask M_T.
 
     embedding: the reference's AGO embedding (`optimize_embedding`, or `load_embedding` from the
-    cache); None runs AGO here, with seed AGO_SEED. reference_path: R's inverted path under that
-    embedding (`invert_reference`), for a caller that serves several calls from one reference;
-    None inverts it here. Items on the same normal image share its inversion and, up to
-    `targets_per_call` at a time, the UNet calls. on_progress(stage, done, total) after every step:
-    stage "ago", "invert" or "generate"; done and total count the steps of the whole call, every
-    stage alike, so done / total is the call's progress.
+    cache), used as given; None runs AGO here (honouring `params.ablate`), with seed AGO_SEED.
+    reference_path: R's inverted path under that embedding (`invert_reference`), for a caller
+    that serves several calls from one reference; None inverts it here. Items on the same normal
+    image share its inversion and, up to `targets_per_call` at a time, the UNet calls.
+    on_progress(stage, done, total) after every step: stage "ago", "invert" or "generate"; done and
+    total count the steps of the whole call, every stage alike, so done / total is the call's progress.
     """
     # 1. Check the inputs; group the items by normal image, each group in batches of targets.
     items = as_items(items)
@@ -199,7 +212,7 @@ def generate(
     steps = params.num_inference_steps
     # Inversions (the reference's unless given, one per normal image) and sampling runs.
     runs = (reference_path is None) + len(groups) + sum(len(batches) for _, batches in groups)
-    progress = _Progress(on_progress, total=(params.ago_steps if embedding is None else 0) + runs * steps)
+    progress = _Progress(on_progress, total=(ago_steps(params) if embedding is None else 0) + runs * steps)
 
     # 2. Text conditioning: the AGO embedding (optimised here if not given), and the empty prompt.
     if embedding is None:
@@ -252,10 +265,11 @@ def invert_reference(
 
 class AttentionControl:
     """What the attention processors of one tri-branch batch share: the masks at each controlled
-    layer's resolution, and, set before every step, whether grafting is on and the DAE scale."""
+    layer's resolution, which grafted sources T takes (those not ablated), and, set before every
+    step, whether grafting is on and the DAE scale."""
 
     def __init__(self, reference_mask: np.ndarray, target_masks: list[np.ndarray], sides: set[int],
-                 device: torch.device):
+                 device: torch.device, ablate: Collection[str] = ()):
         self.targets = len(target_masks)
         # Keyed by the layer's token count (side * side), which is all a processor sees.
         self.reference_tokens = {  # indices of R's tokens inside M_R
@@ -265,6 +279,9 @@ class AttentionControl:
             side * side: torch.stack([mask_to_latent(mask, side).flatten() for mask in target_masks]).bool().to(device)
             for side in sides
         }
+        # TriAG's two key/value sources for T; an ablated one leaves T its own tokens there.
+        self.from_reference = "graft" not in ablate
+        self.from_normal = "background" not in ablate
         self.grafting = False
         self.dae_scale = 1.0
 
@@ -282,8 +299,9 @@ class AttentionControl:
 
 class GraftedSelfAttention(UNetAttention):
     """Self-attention of a [R, N, T_1..T_k] batch. R and N attend to themselves. Each T keeps its
-    queries and, once grafting is on, attends inside M_T to R's tokens inside M_R and outside M_T
-    to N's tokens; the two outputs are stitched by M_T at this layer's resolution."""
+    queries and, once grafting is on, attends inside M_T to R's tokens inside M_R ("graft") and
+    outside M_T to N's tokens ("background"); the two outputs are stitched by M_T at this layer's
+    resolution. Where a source is ablated, T attends to its own tokens instead."""
 
     def __init__(self, control: AttentionControl):
         self.control = control
@@ -298,15 +316,27 @@ class GraftedSelfAttention(UNetAttention):
 
         # Every target's queries side by side on the token axis: one SDPA call per key/value source.
         target_queries = query[:, SOURCES:].transpose(1, 2).flatten(2, 3)  # (halves, heads, targets * tokens, dim)
-        from_normal = super().attend(attn, target_queries, key[:, NORMAL], value[:, NORMAL])
-        defect = control.reference_tokens[tokens]
-        from_reference = super().attend(
-            attn, target_queries, key[:, REFERENCE][:, :, defect], value[:, REFERENCE][:, :, defect]
-        )
+        own = None if control.from_reference and control.from_normal else self._own(attn, query, key, value)
+        if control.from_normal:
+            from_normal = super().attend(attn, target_queries, key[:, NORMAL], value[:, NORMAL])
+        else:
+            from_normal = own
+        if control.from_reference:
+            defect = control.reference_tokens[tokens]
+            from_reference = super().attend(
+                attn, target_queries, key[:, REFERENCE][:, :, defect], value[:, REFERENCE][:, :, defect]
+            )
+        else:
+            from_reference = own
         inside = control.target_masks[tokens].flatten()[:, None]
         targets = torch.where(inside, from_reference, from_normal).unflatten(2, (control.targets, tokens))
         out = torch.cat([sources.unflatten(0, (-1, SOURCES)), targets.transpose(1, 2)], dim=1)
         return control.boost(out.reshape(batch, heads, tokens, dim))
+
+    def _own(self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Each T's plain self-attention, laid out as the grafted outputs: (halves, heads, targets * tokens, dim)."""
+        own = super().attend(attn, *(x[:, SOURCES:].flatten(0, 1) for x in (query, key, value)))
+        return own.unflatten(0, (-1, self.control.targets)).transpose(1, 2).flatten(2, 3)
 
 
 class BoostedCrossAttention(UNetAttention):
@@ -351,17 +381,19 @@ def _denoise_targets(
 
     layers = controlled_layers(sd.unet, params.graft_resolutions)
     sides = {math.ceil(latent_size / layer.downsample) for layer in layers}  # stride-2 convs round up
-    control = AttentionControl(reference_mask, [item.target_mask for item in targets], sides, sd.device)
+    control = AttentionControl(reference_mask, [item.target_mask for item in targets], sides, sd.device,
+                               params.ablate)
     processors = {
         layer.name: (GraftedSelfAttention if layer.kind == "self" else BoostedCrossAttention)(control)
         for layer in layers
     }
     dae_start, dae_end = params.dae_window
+    dae_factor = 1.0 if "dae" in params.ablate else params.dae_factor
 
     def before_step(i: int, t: int, latents: torch.Tensor) -> torch.Tensor:
         """R and N onto their inverted paths at this step's noise level; T onto N's outside M_T."""
         control.grafting = i / steps >= params.graft_start
-        control.dae_scale = params.dae_factor if dae_start <= i / steps < dae_end else 1.0
+        control.dae_scale = dae_factor if dae_start <= i / steps < dae_end else 1.0
         level = steps - i  # the inverted paths' entry at this step's noise level
         normal = normal_path[level]
         kept_outside = normal * (1 - masks) + latents[SOURCES:] * masks
