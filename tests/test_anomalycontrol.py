@@ -4,6 +4,8 @@ CFG dropout, generation and the adapter's checks.
 The BLIP-2 is a tiny random `Blip2ForImageTextRetrieval` with a BERT tokenizer and a BLIP image
 processor, written by code, saved with `save_pretrained` and loaded through the production loader."""
 
+import copy
+import dataclasses
 import json
 import shutil
 
@@ -11,21 +13,26 @@ import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
+from PIL import Image
 from safetensors.torch import load_file, save_file
+from scipy import ndimage
 
+from models.diffusion.images import mask_to_latent
 from models.diffusion.loading import ModelUnavailable
 from models.diffusion.sampling import encode_prompts
 from models.errors import InputError
 from models.methods.anomalycontrol import AnomalyControlParams, pipeline
 from models.methods.anomalycontrol import method as anomalycontrol_method
-from models.methods.anomalycontrol.csm import load_blip2, semantic_features
+from models.methods.anomalycontrol.csm import TEXT_TEMPLATE, anomaly_token_positions, load_blip2, semantic_features
 from models.methods.anomalycontrol.sga import WEIGHTS_FILE, SemanticGuidedAdapter
 from models.methods.interface import (
+    LABEL_BAND,
     Checkpoints,
     Exemplar,
     GenerateRequest,
     NormalImages,
     Pair,
+    changed_pixels,
     job_items,
     label_contract_violation,
 )
@@ -57,8 +64,53 @@ def adapter_dir(tiny_sd, blip2, reference, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def sharp_blip2(blip2):
+    """A copy of the tiny BLIP-2 whose Q-Former attends sharply. At random init its attention is
+    nearly uniform, so one token's row looks like its neighbour's (1e-4 apart); queries and keys
+    scaled by 8 make them differ by a quarter of the map's range, so a wrong row shows."""
+    model = copy.deepcopy(blip2.model)
+    with torch.no_grad():
+        for layer in model.qformer.encoder.layer:
+            for part in (layer.attention, layer.crossattention) if layer.has_cross_attention else (layer.attention,):
+                part.attention.query.weight.mul_(8)
+                part.attention.key.weight.mul_(8)
+    return dataclasses.replace(blip2, model=model)
+
+
 def frozen_state(*modules) -> list[torch.Tensor]:
     return [tensor.detach().clone() for module in modules for tensor in module.state_dict().values()]
+
+
+def far_from(mask: np.ndarray) -> np.ndarray:
+    """bool: the pixels beyond the mask and its blend band, which must be the normal image's."""
+    return ~ndimage.binary_dilation(mask, np.ones((3, 3), bool), iterations=LABEL_BAND)
+
+
+def map_by_transformers(blip2, image, defect: str, guidance: torch.Tensor, row_shift: int = 0):
+    """ASEA's chained map (patches,) and C', computed apart from csm.py: the attention weights from
+    the Q-Former's own `output_attentions`, the defect's rows found by searching T_a's ids for the
+    defect word's (moved by `row_shift`)."""
+    model, queries = blip2.model, blip2.num_queries
+    pixels = blip2.image_processor(images=image, return_tensors="pt").pixel_values
+    text = blip2.tokenizer(TEXT_TEMPLATE.format(defect=defect), return_tensors="pt")
+    ids, word = text.input_ids[0].tolist(), blip2.tokenizer(defect, add_special_tokens=False).input_ids
+    start = next(i for i in range(len(ids)) if ids[i:i + len(word)] == word)
+    rows = [queries + start + row_shift + k for k in range(len(word))]
+    with torch.no_grad():
+        visual = model.vision_model(pixel_values=pixels).last_hidden_state + guidance
+        output = model.qformer(
+            query_embeds=model.embeddings(input_ids=text.input_ids, query_embeds=model.query_tokens),
+            query_length=queries, attention_mask=torch.cat([torch.ones(1, queries, dtype=torch.long),
+                                                            text.attention_mask], dim=1),
+            encoder_hidden_states=visual, output_attentions=True)
+    # transformers' `attentions` holds the cross-attention maps too (their modules' names end in
+    # ".crossattention.attention"): the self-attention maps are those over queries + text.
+    self_maps = [a for a in output.attentions if a.shape[-1] == queries + len(ids)]
+    cross_layers = [i for i, layer in enumerate(model.qformer.encoder.layer) if layer.has_cross_attention]
+    chained = [(self_maps[layer + 1].mean(dim=1)[0, rows, :queries] @ cross.mean(dim=1)[0, :, 1:]).mean(dim=0)
+               for layer, cross in zip(cross_layers, output.cross_attentions) if layer + 1 < len(self_maps)]
+    return torch.stack(chained).mean(dim=0), output.last_hidden_state[0, :queries]
 
 
 def test_the_production_loader_reads_weights_tokenizer_and_processor_from_the_directory(tiny_blip2_dir, blip2,
@@ -96,6 +148,36 @@ def test_asea_lowers_the_energy_and_the_chained_map_has_the_patch_grid_shape(bli
     assert everywhere.energies == [0.0] * 4  # all attention inside M_A: nothing to move
 
 
+def test_the_anomaly_tokens_are_the_defect_words_own_wherever_the_template_puts_it(blip2):
+    tokenizer = blip2.tokenizer
+    for template in (TEXT_TEMPLATE, "{defect} on a part", "a part with {defect} on it"):
+        for defect in ("crack", "dent", "oil stain"):  # one whole-word token; 4 letter pieces; 2 words
+            ids = tokenizer(template.format(defect=defect)).input_ids
+            positions = anomaly_token_positions(tokenizer, template, defect)
+            assert tokenizer.convert_ids_to_tokens([ids[i] for i in positions]) == tokenizer.tokenize(defect)
+            assert positions == list(range(positions[0], positions[-1] + 1))
+            # what is left is the template's own tokens: no row of them is counted as the defect's
+            rest = ids[:positions[0]] + ids[positions[-1] + 1:]
+            assert rest == tokenizer(template.format(defect="")).input_ids, (template, defect)
+
+
+def test_the_chained_map_is_the_defect_tokens_attention_carried_to_the_patches(sharp_blip2, reference):
+    """Checked against transformers' own attention weights and an independent search for the rows."""
+    inside = mask_to_latent(reference.mask, sharp_blip2.patch_grid[0]).flatten()
+    for defect in ("crack", "dent"):
+        focused = semantic_features(sharp_blip2, reference.image, reference.mask, defect, steps=2, step_size=0.3)
+        assert focused.guidance.any()
+        expected, features = map_by_transformers(sharp_blip2, reference.image, defect, focused.guidance)
+        torch.testing.assert_close(focused.attention.flatten(), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(focused.features, features, rtol=0, atol=1e-6)  # C' at the final e_g
+        energy = (1 - (expected * inside).sum() / expected.sum()) ** 2
+        assert focused.energies[-1] == pytest.approx(float(energy), abs=1e-6)
+        # The check has teeth: the next token's rows (an off-by-one) give another map.
+        for shift in (-1, 1):
+            neighbour, _ = map_by_transformers(sharp_blip2, reference.image, defect, focused.guidance, shift)
+            assert (neighbour - expected).abs().max() > 1e-3
+
+
 def test_gamma_zero_gives_the_frozen_unet_exactly_and_detaching_leaves_it_bit_identical(tiny_sd):
     unet = tiny_sd.unet
     generator = torch.Generator().manual_seed(0)
@@ -129,11 +211,48 @@ def test_gamma_zero_gives_the_frozen_unet_exactly_and_detaching_leaves_it_bit_id
         assert torch.equal(unet(latents, t, encoder_hidden_states=text).sample, frozen)
 
 
+def test_the_branch_share_is_zero_when_sga_adds_nothing_and_grows_with_gamma(tiny_sd):
+    unet = tiny_sd.unet
+    generator = torch.Generator().manual_seed(0)
+    latents, t = torch.randn((2, 4, 8, 8), generator=generator), torch.tensor([500, 20])
+    features = torch.randn((2, 8, 32), generator=generator)
+    text = encode_prompts(tiny_sd, ["a photo of a tile with crack"] * 2)
+    adapter = SemanticGuidedAdapter.from_unet(unet, feature_width=32, num_tokens=8)
+    cond = adapter.condition(text, features, torch.float32)
+    with adapter.attached(unet), torch.no_grad():
+        eps = unet(latents, t, encoder_hidden_states=cond).sample
+        share = adapter.branch_share(unet, latents, t, cond)
+        assert torch.equal(unet(latents, t, encoder_hidden_states=cond).sample, eps)  # measuring leaves no trace
+        assert 0.1 < share < 0.9  # W', V' copied from W, V: SGA is in play from the first step
+        assert adapter.branch_share(unet, latents, t, adapter.condition(text, 0 * features, torch.float32)) == 0
+        adapter.gamma = 2.0
+        assert adapter.branch_share(unet, latents, t, cond) > share
+        adapter.gamma = 0.0
+        assert adapter.branch_share(unet, latents, t, cond) == 0
+
+
+def test_the_default_schedule_trains_sga_and_keeps_its_branch_in_play(tiny_sd, blip2, reference, tmp_path):
+    """Floors for the default schedule (lr 1e-4, 2000 steps of 4): W'_k, W'_v move by at least 10%
+    of their norm, and the branch keeps at least a quarter of the cross-attention output. AdamW moves
+    each weight by about lr a step, so the change grows about linearly (on these models 0.012 after
+    50 steps, 0.022 after 100, 0.041 after 200): the test runs the first 50 steps, 1/40 of the
+    schedule, against 1/40 of the floor."""
+    defaults = AnomalyControlParams()
+    params = AnomalyControlParams(resolution=64, train_steps=50)
+    assert (params.learning_rate, params.batch_size, defaults.train_steps) == (1e-4, 4, 2000)
+    diagnostics = pipeline.finetune(tiny_sd, blip2, [reference], params, seed=0, out_dir=tmp_path).diagnostics
+    assert diagnostics["sga_weight_change"] > 0.1 * params.train_steps / defaults.train_steps
+    assert all(0.25 < share < 1 for share in diagnostics["sga_branch_share"])
+    assert 0 < diagnostics["loss_ldm"] < 2  # the noise MSE, mean over the last 50 steps
+    energy_before, energy_after = diagnostics["asea_energy"]
+    assert energy_after < energy_before
+
+
 def test_training_moves_only_the_adapters_keys_and_values(tiny_sd, blip2, reference, tmp_path):
     models = (tiny_sd.unet, tiny_sd.vae, tiny_sd.text_encoder, blip2.model)
     before = frozen_state(*models)
     start = SemanticGuidedAdapter.from_unet(tiny_sd.unet, blip2.width, blip2.num_queries)
-    trained = pipeline.finetune(tiny_sd, blip2, [reference], PARAMS, seed=0, out_dir=tmp_path)
+    trained = pipeline.finetune(tiny_sd, blip2, [reference], PARAMS, seed=0, out_dir=tmp_path).adapter
 
     assert all(torch.equal(a, b) for a, b in zip(frozen_state(*models), before))
     names = [name for name, _ in trained.named_parameters()]
@@ -149,7 +268,7 @@ def test_training_moves_only_the_adapters_keys_and_values(tiny_sd, blip2, refere
 
 def test_a_resumed_fine_tune_ends_exactly_where_the_uninterrupted_one_does(tiny_sd, blip2, reference, tmp_path):
     params = PARAMS.model_copy(update={"train_steps": 4})
-    uninterrupted = pipeline.finetune(tiny_sd, blip2, [reference], params, seed=1, out_dir=tmp_path / "once")
+    uninterrupted = pipeline.finetune(tiny_sd, blip2, [reference], params, seed=1, out_dir=tmp_path / "once").adapter
 
     class Crash(Exception):
         pass
@@ -165,7 +284,7 @@ def test_a_resumed_fine_tune_ends_exactly_where_the_uninterrupted_one_does(tiny_
     assert all(isinstance(p, AttnProcessor2_0) for p in tiny_sd.unet.attn_processors.values())
     progress = []
     resumed = pipeline.finetune(tiny_sd, blip2, [reference], params, seed=1, out_dir=tmp_path / "resumed",
-                                checkpoints=checkpoints, on_progress=lambda _s, done, _t: progress.append(done))
+                                checkpoints=checkpoints, on_progress=lambda _s, done, _t: progress.append(done)).adapter
     assert progress == [3, 4]  # on from the step-2 checkpoint
     assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), uninterrupted.parameters()))
 
@@ -184,7 +303,7 @@ def test_training_sees_the_dropout(tiny_sd, blip2, reference, tmp_path):
     start = SemanticGuidedAdapter.from_unet(tiny_sd.unet, blip2.width, blip2.num_queries)
     for rates, moves in (((0.0, 1.0, 0.0), False), ((1.0, 0.0, 0.0), True)):
         params = PARAMS.model_copy(update={"cfg_dropout": rates, "weight_decay": 0.0, "train_steps": 2})
-        trained = pipeline.finetune(tiny_sd, blip2, [reference], params, seed=0, out_dir=tmp_path / str(moves))
+        trained = pipeline.finetune(tiny_sd, blip2, [reference], params, seed=0, out_dir=tmp_path / str(moves)).adapter
         changed = any(not torch.equal(a, b) for a, b in zip(trained.parameters(), start.parameters()))
         assert changed is moves
 
@@ -205,6 +324,72 @@ def test_generate_keeps_the_background_and_follows_the_seed(tiny_sd, blip2, refe
     other_seed = pipeline.generate(tiny_sd, blip2, adapter_dir, reference, [items[0][:2] + (7,)], PARAMS,
                                    prompt="a photo of a screw with crack")
     assert not np.array_equal(np.asarray(other_seed[0].image), np.asarray(results[0].image))
+
+
+def test_c_prime_steers_the_defect_through_sga_inside_the_mask_alone(tiny_sd, blip2, reference, adapter_dir):
+    """Another C' paints another defect, inside the mask and its blend band only; with SGA ablated
+    C' is not read at all, and the output is the plain UNet's (gamma 0). (The tiny random Q-Former
+    gives nearly the same C' for any image, 0.6% apart: the other C' is drawn at random instead.)"""
+    normal, mask = textured_image(64, 64, "RGB", seed=2), box_mask(64, 64, (16, 12, 44, 40))
+    own = pipeline.reference_features(blip2, reference, PARAMS)
+    other = torch.randn(own.features.shape, generator=torch.Generator().manual_seed(0))
+    features = {"own": own, "other": dataclasses.replace(own, features=other)}
+
+    def image(params, which):
+        (result,) = pipeline.generate(tiny_sd, blip2, adapter_dir, reference, [(normal, mask, 5)], params,
+                                      features=features[which])
+        return np.asarray(result.image)
+
+    own, other = image(PARAMS, "own"), image(PARAMS, "other")
+    changed = changed_pixels(Image.fromarray(own), Image.fromarray(other))
+    assert changed[mask].mean() > 0.9 and not changed[far_from(mask)].any()
+    without_sga = PARAMS.model_copy(update={"ablate": ["sga"]})
+    plain = image(PARAMS.model_copy(update={"gamma": 0.0}), "own")
+    assert np.array_equal(image(without_sga, "own"), plain) and np.array_equal(image(without_sga, "other"), plain)
+    assert not np.array_equal(plain, own)
+
+
+def test_asea_focuses_c_prime_unless_ablated(tiny_sd, blip2, reference, adapter_dir):
+    """Ablated, C' comes straight from the Q-Former (no guidance steps), at fine-tune and generate."""
+    focused = pipeline.reference_features(blip2, reference, PARAMS)
+    unguided = semantic_features(blip2, reference.image, reference.mask, reference.defect, steps=0)
+    ablated = pipeline.reference_features(blip2, reference, PARAMS, ablated=["asea"])
+    assert torch.equal(ablated.features, unguided.features) and len(ablated.energies) == 1
+    assert not torch.allclose(focused.features, unguided.features)
+
+    items = [(textured_image(64, 64, "L", seed=2), box_mask(64, 64, (16, 12, 44, 40)), 5)]
+    without_asea = PARAMS.model_copy(update={"ablate": ["asea"]})
+    (computed,) = pipeline.generate(tiny_sd, blip2, adapter_dir, reference, items, without_asea)
+    (given,) = pipeline.generate(tiny_sd, blip2, adapter_dir, reference, items, PARAMS, features=unguided)
+    (with_asea,) = pipeline.generate(tiny_sd, blip2, adapter_dir, reference, items, PARAMS)
+    assert np.array_equal(np.asarray(computed.image), np.asarray(given.image))
+    assert not np.array_equal(np.asarray(computed.image), np.asarray(with_asea.image))
+
+
+def test_a_fine_tune_without_a_component_records_it_and_its_generate_jobs_drop_it(tiny_sd, blip2, reference,
+                                                                                   tmp_path):
+    params = PARAMS.model_copy(update={"train_steps": 2})
+    plain = pipeline.finetune(tiny_sd, blip2, [reference], params, seed=0, out_dir=tmp_path / "plain")
+    no_asea = pipeline.finetune(tiny_sd, blip2, [reference], params.model_copy(update={"ablate": ["asea"]}), seed=0,
+                                out_dir=tmp_path / "asea")
+    energies = no_asea.diagnostics["asea_energy"]
+    assert energies[0] == energies[1] and plain.diagnostics["asea_energy"][1] < energies[0]  # trained on C' unguided
+    assert not all(torch.equal(a, b) for a, b in zip(plain.adapter.parameters(), no_asea.adapter.parameters()))
+    assert pipeline.load_adapter(tmp_path / "asea", tiny_sd, blip2).ablated(PARAMS) == ["asea"]
+
+    start = SemanticGuidedAdapter.from_unet(tiny_sd.unet, blip2.width, blip2.num_queries)
+    no_sga = pipeline.finetune(tiny_sd, blip2, [reference], params.model_copy(update={"ablate": ["sga", "asea"]}),
+                               seed=0, out_dir=tmp_path / "sga")
+    assert all(torch.equal(a, b) for a, b in zip(no_sga.adapter.parameters(), start.parameters()))  # nothing to train
+    assert no_sga.diagnostics["sga_branch_share"] == [0.0, 0.0] and "loss_ldm" not in no_sga.diagnostics
+    loaded = pipeline.load_adapter(tmp_path / "sga", tiny_sd, blip2)
+    assert json.loads((tmp_path / "sga" / "adapter_config.json").read_text())["ablate"] == ["asea", "sga"]
+    assert loaded.ablated(PARAMS) == ["asea", "sga"]
+    items = [(textured_image(64, 64, "RGB", seed=2), box_mask(64, 64, (16, 12, 44, 40)), 5)]
+    (dropped,) = pipeline.generate(tiny_sd, blip2, loaded, reference, items, PARAMS)
+    (plain_unet,) = pipeline.generate(tiny_sd, blip2, tmp_path / "plain", reference, items,
+                                      PARAMS.model_copy(update={"gamma": 0.0}))
+    assert np.array_equal(np.asarray(dropped.image), np.asarray(plain_unet.image))
 
 
 def test_an_adapter_of_other_checkpoints_or_methods_is_refused(tiny_sd, blip2, adapter_dir, tmp_path):
@@ -256,3 +441,4 @@ def test_outputs_spread_over_references_of_any_product_with_the_jobs_product_in_
     assert pairs[1].details["prompt"] == "a photo of a carpet with scratch"
     for pair in pairs.values():
         assert label_contract_violation(normals[0], pair) is None and pair.mask_u8.any()
+        assert pair.details["ablated"] == [] and len(pair.details["asea_energy"]) == 2

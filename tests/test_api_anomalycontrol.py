@@ -27,15 +27,19 @@ def test_finetune_on_one_product_then_generate_on_another(acme):
     assert finetune.status_code == 202, finetune.text
     job = wait_for_job(acme, finetune.json()["id"])
     assert job["status"] == "succeeded", job
+    assert job["result"]["ablated"] == []
+    assert {"loss_ldm", "sga_branch_share", "sga_weight_change", "asea_energy"} <= set(job["result"]["diagnostics"])
     keys = {a["key"] for a in acme.get(f"/v1/jobs/{job['id']}/artifacts").json()["items"]}
     assert {f"adapters/{job['id']}/sga.safetensors", f"adapters/{job['id']}/adapter_config.json"} <= keys
 
     sources = {s: product_image(72, 64, rgb=True, seed=s) for s in (21, 22)}
     normals = {upload(acme, png_bytes(image), product="screw").json()["id"]: image for image in sources.values()}
-    response = acme.post("/v1/jobs", json={
-        "kind": "generate", "method": "anomalycontrol", "adapter": job["id"], "product": "screw",
-        "exemplars": [exemplar["id"]], "normals": list(normals), "count": 4, "seed": 5, "params": TINY,
-    })
+    generate = {"kind": "generate", "method": "anomalycontrol", "adapter": job["id"], "product": "screw",
+                "exemplars": [exemplar["id"]], "normals": list(normals), "count": 4, "seed": 5,
+                "params": {**TINY, "ablate": ["asea"]}}
+    unknown = acme.post("/v1/jobs", json={**generate, "params": {**TINY, "ablate": ["csm"]}})
+    assert unknown.status_code == 422 and "'asea' or 'sga'" in unknown.text, unknown.text
+    response = acme.post("/v1/jobs", json=generate)
     assert response.status_code == 202, response.text
     generated = wait_for_job(acme, response.json()["id"], timeout=120)
     assert generated["status"] == "succeeded", generated
@@ -45,6 +49,7 @@ def test_finetune_on_one_product_then_generate_on_another(acme):
     assert sorted(p["index"] for p in manifest["pairs"]) == [0, 1, 2, 3]
     for pair in manifest["pairs"]:
         assert pair["reference"] == exemplar["id"] and pair["prompt"] == "a photo of a screw with crack"
+        assert pair["ablated"] == ["asea"] and pair["asea_energy"][0] == pair["asea_energy"][1]  # no guidance steps
         image = np.asarray(Image.open(io.BytesIO(acme.get(items[prefix + pair["image"]]).content)))
         mask = np.asarray(Image.open(io.BytesIO(acme.get(items[prefix + pair["mask"]]).content))) > 0
         source = normals[pair["normal"]]

@@ -9,8 +9,19 @@ BLIP-2 side, and `sga.py`, the adapter), the job interface in `method.py`.
 
 from pydantic import Field, model_validator
 
-from models.methods.params import FadeRing, FinetuneParams
-from models.methods.spec import MethodSpec
+from models.methods.params import FadeRing, FinetuneParams, ablation_field, check_unique
+from models.methods.spec import Component, MethodSpec
+
+# What the paper ablates ("w/o ASEA", "w/o SGA"). Both act while images are made: a generate job can
+# drop either; a fine-tune job naming one trains (or, for SGA, skips training) without it, and every
+# generate job on that adapter drops it too.
+COMPONENTS = (
+    Component("asea", "anomaly-semantic enhanced attention: guidance steps that focus the Q-Former's features C' "
+              "on the reference's defect (ablated: C' straight from the Q-Former, as with asea_steps 0)", "generate"),
+    Component("sga", "semantic guided adapter: C' enters every cross-attention layer of the UNet beside the text "
+              "(ablated: the plain SD UNet with the text alone, as with gamma 0; a fine-tune has nothing to train)",
+              "generate"),
+)
 
 
 class AnomalyControlParams(FinetuneParams):
@@ -46,9 +57,11 @@ class AnomalyControlParams(FinetuneParams):
         "job's product and each reference's defect",
     )
     mask_dilation: FadeRing = 3
+    ablate: ablation_field([component.name for component in COMPONENTS])
 
     @model_validator(mode="after")
     def _check(self):
+        check_unique(self.ablate, "ablate")
         if sum(self.cfg_dropout) > 1 or min(self.cfg_dropout) < 0:
             raise ValueError("cfg_dropout: three shares in [0, 1] that sum to at most 1")
         return self
@@ -67,4 +80,5 @@ SPEC = MethodSpec(
     implementation="models.methods.anomalycontrol.method",
     weights=("SD_MODEL_DIR", "BLIP2_MODEL_DIR"),
     generate_needs_references=True,
+    components=COMPONENTS,
 )

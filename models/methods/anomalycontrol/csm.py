@@ -142,14 +142,9 @@ def semantic_features(
     with torch.no_grad():
         visual = blip2.model.vision_model(pixel_values=pixels.to(blip2.device)).last_hidden_state
 
-    # 2. T_a, and which of its tokens are the [anomaly] words: those after the template's prefix
-    #    (WordPiece splits each word on its own, so the prefix keeps its tokens).
+    # 2. T_a, and which of its tokens are the [anomaly] words.
     text = blip2.tokenizer(text_template.format(defect=defect), return_tensors="pt")
-    prefix = len(blip2.tokenizer(text_template.split("{defect}")[0]).input_ids) - 1  # without its [SEP]
-    words = len(blip2.tokenizer(defect, add_special_tokens=False).input_ids)
-    if not words:
-        raise ValueError(f"the defect word {defect!r} has no tokens")
-    anomaly_tokens = list(range(prefix, prefix + words))
+    anomaly_tokens = anomaly_token_positions(blip2.tokenizer, text_template, defect)
 
     # 3. M_A at the patch grid.
     rows, cols = blip2.patch_grid
@@ -179,6 +174,17 @@ def semantic_features(
         energies=energies,
         attention=attention.detach().reshape(rows, cols).cpu(),
     )
+
+
+def anomaly_token_positions(tokenizer: PreTrainedTokenizerBase, text_template: str, defect: str) -> list[int]:
+    """The positions of the defect word's tokens in T_a = `text_template` with `defect`, [CLS] at 0:
+    those after the template's prefix (WordPiece splits each word on its own, so the prefix keeps
+    its tokens)."""
+    prefix = len(tokenizer(text_template.split("{defect}")[0]).input_ids) - 1  # without its [SEP]
+    words = len(tokenizer(defect, add_special_tokens=False).input_ids)
+    if not words:
+        raise ValueError(f"the defect word {defect!r} has no tokens")
+    return list(range(prefix, prefix + words))
 
 
 def _qformer(blip2: Blip2, visual: torch.Tensor, text, anomaly_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,12 +32,13 @@ PAIRS_PER_CALL = 8
 def finetune(request: FinetuneRequest, on_progress: ProgressCallback) -> dict:
     sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device)
     blip2 = load_blip2(request.weight_dirs.get("BLIP2_MODEL_DIR"), sd.device)
-    pipeline.finetune(
+    finetuned = pipeline.finetune(
         sd, blip2, [_reference(exemplar) for exemplar in request.exemplars], request.params,
         seed=request.seed, out_dir=request.adapter_dir, checkpoints=request.checkpoints,
         on_progress=lambda _stage, done, total: on_progress("training", done, total),
     )
-    return {"train_steps": request.params.train_steps, "exemplars": len(request.exemplars)}
+    return {"train_steps": request.params.train_steps, "exemplars": len(request.exemplars),
+            "ablated": sorted(request.params.ablate), "diagnostics": finetuned.diagnostics}
 
 
 def calls(request: GenerateRequest) -> list[list[Item]]:
@@ -55,15 +56,21 @@ def generate(
     sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device, request.precision)
     blip2 = load_blip2(request.weight_dirs.get("BLIP2_MODEL_DIR"), sd.device)
     adapter = pipeline.load_adapter(request.adapter_dir, sd, blip2, request.params.gamma)
+    ablated = adapter.ablated(request.params)
     prepared: dict[int, SemanticFeatures] = {}  # reference -> its C'
     for call in calls:
         position = call[0].reference
         exemplar = request.exemplars[position]
         reference = _reference(exemplar, request.defect)
-        if position not in prepared:
-            on_progress("encoding the reference", 0, 1)
-            prepared[position] = pipeline.reference_features(blip2, reference, request.params, adapter.text_template)
-        features = prepared[position]
+        details = {"reference": exemplar.id, "ablated": ablated}
+        features = None  # without SGA nothing reads C'
+        if "sga" not in ablated:
+            if position not in prepared:
+                on_progress("encoding the reference", 0, 1)
+                prepared[position] = pipeline.reference_features(blip2, reference, request.params,
+                                                                 adapter.text_template, ablated)
+            features = prepared[position]
+            details["asea_energy"] = [round(features.energies[0], 6), round(features.energies[-1], 6)]
         prompt = request.params.prompt or pipeline.target_prompt(
             request.product or exemplar.product, reference.defect, adapter.target_template
         )
@@ -76,9 +83,7 @@ def generate(
             images_per_batch=PAIRS_PER_CALL,
             on_progress=lambda _stage, done, total: on_progress(GENERATING, done, total),
         )
-        details = {"reference": exemplar.id, "prompt": prompt,
-                   "asea_energy": [round(features.energies[0], 6), round(features.energies[-1], 6)]}
-        yield [result.pair(item.index, **details) for item, result in zip(call, results)]
+        yield [result.pair(item.index, prompt=prompt, **details) for item, result in zip(call, results)]
 
 
 def _reference(exemplar: Exemplar, defect: str | None = None) -> pipeline.Reference:

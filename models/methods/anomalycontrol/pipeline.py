@@ -34,6 +34,7 @@ Choices where the paper is silent, or where a service needs more:
 """
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models.diffusion.adapters import check_base_model, model_fingerprint, read_adapter_config, write_adapter_config
+from models.diffusion.adapters import (
+    ablated_components,
+    check_base_model,
+    model_fingerprint,
+    read_adapter_config,
+    write_adapter_config,
+)
 from models.diffusion.generation import GenerateItem, GenerateResult, as_items, blended_ddim, step_reporter
 from models.diffusion.images import (
     check_mask,
@@ -82,9 +89,11 @@ def target_prompt(product: str, defect: str, template: str = TARGET_TEMPLATE) ->
 
 
 def reference_features(blip2: Blip2, reference: Reference, params: AnomalyControlParams,
-                       text_template: str = TEXT_TEMPLATE) -> SemanticFeatures:
-    """CSM + ASEA of one reference: C' with the defect in focus."""
-    return semantic_features(blip2, reference.image, reference.mask, reference.defect, steps=params.asea_steps,
+                       text_template: str = TEXT_TEMPLATE, ablated: Sequence[str] = ()) -> SemanticFeatures:
+    """CSM + ASEA of one reference: C' with the defect in focus (with "asea" ablated: C' straight
+    from the Q-Former, no guidance steps)."""
+    steps = 0 if "asea" in ablated else params.asea_steps
+    return semantic_features(blip2, reference.image, reference.mask, reference.defect, steps=steps,
                              step_size=params.asea_step_size, text_template=text_template)
 
 
@@ -100,6 +109,18 @@ def cfg_dropout(generator: torch.Generator, count: int, rates: tuple[float, floa
     return text_alone | both_dropped, features_alone | both_dropped
 
 
+@dataclass
+class FineTuned:
+    """What a fine-tune made: the trained adapter and the numbers that say whether it learnt."""
+
+    adapter: SemanticGuidedAdapter
+    # loss_ldm: the LDM loss, mean over the last steps. sga_branch_share (at the start, at the end): the
+    # decoupled branch's share of the cross-attention output (SemanticGuidedAdapter.branch_share) on a
+    # batch of the exemplars. sga_weight_change: ||W' - W'_0|| / ||W'_0|| over the trained tensors.
+    # asea_energy: E before and after the guidance steps, mean over the exemplars.
+    diagnostics: dict
+
+
 def finetune(
     sd: StableDiffusion,
     blip2: Blip2,
@@ -110,11 +131,14 @@ def finetune(
     out_dir: str | Path,
     checkpoints: Checkpoints | None = None,
     on_progress: ProgressCallback | None = None,
-) -> SemanticGuidedAdapter:
-    """Train SGA on the exemplars and write the adapter to `out_dir`; returns the trained adapter.
+) -> FineTuned:
+    """Train SGA on the exemplars and write the adapter to `out_dir`; returns it with its diagnostics.
 
-    checkpoints: where this run's checkpoints go; if the folder holds one, training resumes from
-    it. on_progress("train", step, train_steps) follows every step and may raise to stop.
+    params.ablate: "asea" trains on C' without the guidance steps; "sga" trains nothing (the plain
+    SD UNet is the ablation row) and writes the untrained adapter; the config records both, so every
+    generate job on the adapter drops them too. checkpoints: where this run's checkpoints go; if the
+    folder holds one, training resumes from it. on_progress("train", step, train_steps) follows every
+    step and may raise to stop.
     """
     # 1. Exemplars to latents: the LDM loss's targets.
     _check_references(exemplars)
@@ -126,7 +150,9 @@ def finetune(
         empty = encode_prompts(sd, [""]).float()
 
     # 3. CSM + ASEA on each exemplar, once: C' (the VLM is frozen).
-    features = torch.stack([reference_features(blip2, e, params).features for e in exemplars]).to(sd.device)
+    ablated = sorted(params.ablate)
+    semantics = [reference_features(blip2, e, params, ablated=ablated) for e in exemplars]
+    features = torch.stack([s.features for s in semantics]).to(sd.device)
 
     # 4. SGA on the UNet (W'_k, W'_v from each layer's own), trained with the LDM loss and CFG dropout.
     gamma = DEFAULT_GAMMA if params.gamma is None else params.gamma
@@ -149,12 +175,24 @@ def finetune(
     run = {"method": METHOD, "params": params.model_dump(mode="json"), "latents_shape": list(latents.shape),
            "exemplars": [[e.product, e.defect] for e in exemplars]}
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay)
-    with adapter.attached(sd.unet):
-        train(
-            {"sga": adapter}, optimizer, loss_at, steps=params.train_steps, seed=seed, run=run, device=sd.device,
-            mixed_precision=sd.dtype == torch.float16, checkpoints=checkpoints,
-            on_step=(lambda done, total: on_progress("train", done, total)) if on_progress else None,
-        )
+    start = [parameter.detach().clone() for parameter in adapter.parameters()]
+    diagnostics = {"asea_energy": [float(np.mean([s.energies[0] for s in semantics])),
+                                   float(np.mean([s.energies[-1] for s in semantics]))]}
+    if "sga" in ablated:
+        diagnostics.update(sga_branch_share=[0.0, 0.0], sga_weight_change=0.0)
+    else:
+        share_batch = _share_batch(latents[:params.batch_size], prompts, features, scheduler, seed)
+        with adapter.attached(sd.unet):
+            share_at_start = _branch_share(sd, adapter, share_batch)
+            losses = train(
+                {"sga": adapter}, optimizer, loss_at, steps=params.train_steps, seed=seed, run=run,
+                device=sd.device, mixed_precision=sd.dtype == torch.float16, checkpoints=checkpoints,
+                on_step=(lambda done, total: on_progress("train", done, total)) if on_progress else None,
+            )
+            share_at_end = _branch_share(sd, adapter, share_batch)
+        change = torch.stack([(p.detach() - p0).norm() for p, p0 in zip(adapter.parameters(), start)]).norm()
+        diagnostics.update(loss_ldm=losses.get("total"), sga_branch_share=[share_at_start, share_at_end],
+                           sga_weight_change=float(change / torch.stack([p0.norm() for p0 in start]).norm()))
 
     # 5. The adapter: sga.safetensors + adapter_config.json.
     out_dir = Path(out_dir)
@@ -164,9 +202,25 @@ def finetune(
         sd_fingerprint=model_fingerprint(sd.model_dir), blip2_fingerprint=model_fingerprint(blip2.model_dir),
         feature_width=blip2.width, num_tokens=blip2.num_queries, layers=adapter.layers, seed=seed,
         exemplars=[{"product": e.product, "defect": e.defect} for e in exemplars],
-        params=params.model_dump(mode="json"),
+        params=params.model_dump(mode="json"), ablate=ablated,
     )
-    return adapter
+    return FineTuned(adapter, diagnostics)
+
+
+def _share_batch(latents: torch.Tensor, prompts: torch.Tensor, features: torch.Tensor, scheduler, seed: int):
+    """A batch on which to read SGA's branch share: the first exemplars (as many as `latents`), each
+    once, with its T_t and C' (no dropout), noised to timesteps drawn from the seed: the same batch
+    before and after training."""
+    generator = torch.Generator().manual_seed(seed)
+    t = torch.randint(scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    count = len(latents)
+    return scheduler.add_noise(latents, noise, t), t, prompts[:count], features[:count]
+
+
+def _branch_share(sd: StableDiffusion, adapter: SemanticGuidedAdapter, batch) -> float:
+    noisy, t, prompts, features = batch
+    return adapter.branch_share(sd.unet, noisy.to(sd.dtype), t, adapter.condition(prompts, features, sd.dtype))
 
 
 @dataclass
@@ -181,6 +235,10 @@ class LoadedAdapter:
     @property
     def target_template(self) -> str:
         return self.config["templates"]["target"]
+
+    def ablated(self, params: AnomalyControlParams) -> list[str]:
+        """What a generate job with `params` runs without: its own `ablate` and its fine-tune's."""
+        return ablated_components(params, self.config)
 
 
 def load_adapter(folder: str | Path, sd: StableDiffusion, blip2: Blip2, gamma: float | None = None) -> LoadedAdapter:
@@ -216,24 +274,28 @@ def generate(
     prompt: T_t (default: the adapter's template with the reference's product and defect; a job
     passes its target product's). features: the reference's CSM + ASEA output, for a caller that
     serves several calls from one reference; None computes it here. on_progress("generate", steps
-    done, steps in all) follows every denoising step.
+    done, steps in all) follows every denoising step. What is ablated (`adapter.ablated(params)`):
+    "asea", C' without the guidance steps; "sga", the plain SD UNet with T_t alone (C' unused).
     """
-    # 1. The adapter, the items, and C' of the reference (CSM + ASEA).
+    # 1. The adapter, the items, and C' of the reference (CSM + ASEA; none without SGA to read it).
     if not isinstance(adapter, LoadedAdapter):
         adapter = load_adapter(adapter, sd, blip2, params.gamma)
+    ablated = adapter.ablated(params)
+    sga = "sga" not in ablated
     items = as_items(items)
     _check_references([reference])
     _check_items(items)
-    if features is None:
-        features = reference_features(blip2, reference, params, adapter.text_template)
+    if features is None and sga:
+        features = reference_features(blip2, reference, params, adapter.text_template, ablated)
 
-    # 2. Conditioning: (T_t, C'), and the unconditional ("", zeros).
+    # 2. Conditioning: (T_t, C'), and the unconditional ("", zeros); T_t and "" alone without SGA.
     prompt = prompt or target_prompt(reference.product, reference.defect, adapter.target_template)
     with torch.no_grad():
-        text, empty = encode_prompts(sd, [prompt, ""]).chunk(2)
-        reference_tokens = features.features[None].to(sd.device)
-        cond = adapter.adapter.condition(text, reference_tokens, sd.dtype)
-        uncond = adapter.adapter.condition(empty, torch.zeros_like(reference_tokens), sd.dtype)
+        cond, uncond = encode_prompts(sd, [prompt, ""]).chunk(2)
+        if sga:
+            reference_tokens = features.features[None].to(sd.device)
+            cond = adapter.adapter.condition(cond, reference_tokens, sd.dtype)
+            uncond = adapter.adapter.condition(uncond, torch.zeros_like(reference_tokens), sd.dtype)
 
     # 3. Blended latent diffusion, batch by batch, with a fresh scheduler for the job.
     scheduler = fresh_scheduler(sd)
@@ -241,7 +303,7 @@ def generate(
     batches = batched(items, images_per_batch)
     total = len(batches) * params.num_inference_steps
     results = []
-    with adapter.adapter.attached(sd.unet):
+    with adapter.adapter.attached(sd.unet) if sga else nullcontext():
         for number, batch in enumerate(batches):
             on_step = step_reporter(on_progress, number * params.num_inference_steps, total)
             latents = blended_ddim(sd, scheduler, batch, cond, uncond, params.resolution, params.guidance_scale,

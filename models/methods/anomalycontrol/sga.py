@@ -36,10 +36,34 @@ WEIGHTS_FILE = "sga.safetensors"
 class SGAProcessor(IPAdapterAttnProcessor2_0):
     """diffusers' IP-Adapter processor, given the conditioning as one tensor [text tokens | C' tokens]."""
 
+    # While SemanticGuidedAdapter.branch_share measures: (||Attn(Q, K, V)||, ||gamma Attn(Q, K', V')||) per call.
+    branch_norms: list[tuple[float, float]] | None = None
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         features = self.num_tokens[0]
         pair = (encoder_hidden_states[:, :-features], [encoder_hidden_states[:, -features:]])
-        return super().__call__(attn, hidden_states, pair, attention_mask, temb, **kwargs)
+        if self.branch_norms is None:
+            return super().__call__(attn, hidden_states, pair, attention_mask, temb, **kwargs)
+        return self._measured(attn, hidden_states, pair, attention_mask, temb, **kwargs)
+
+    def _measured(self, attn, *args, **kwargs):
+        """The layer's output, with the two branches' norms recorded where they add: at the output
+        projection's input, once with gamma 0 (the text branch alone: diffusers skips the other) and
+        once as it is."""
+        summed = []
+        hook = attn.to_out[0].register_forward_pre_hook(lambda _module, inputs: summed.append(inputs[0]))
+        gamma = self.scale
+        try:
+            self.scale = [0.0]
+            super().__call__(attn, *args, **kwargs)
+            self.scale = gamma
+            output = super().__call__(attn, *args, **kwargs)
+        finally:
+            self.scale = gamma
+            hook.remove()
+        text, both = summed
+        self.branch_norms.append((float(text.norm()), float((both - text).norm())))
+        return output
 
 
 class SemanticGuidedAdapter(torch.nn.Module):
@@ -89,6 +113,23 @@ class SemanticGuidedAdapter(torch.nn.Module):
         if self.projection is not None:
             features = self.projection(features.to(self.projection.weight.dtype))
         return torch.cat([text.to(dtype), features.to(dtype)], dim=1)
+
+    @torch.no_grad()
+    def branch_share(self, unet: UNet2DConditionModel, latents: torch.Tensor, t: torch.Tensor,
+                     condition: torch.Tensor) -> float:
+        """How much the decoupled branch contributes to the cross-attention output on one UNet batch
+        (the adapter attached): ||gamma Attn(Q, K', V')|| / (||Attn(Q, K, V)|| + ||gamma Attn(Q, K', V')||)
+        per layer, over the whole batch, averaged over the layers. 0 when SGA adds nothing."""
+        for processor in self.processors:
+            processor.branch_norms = []
+        try:
+            unet(latents, t, encoder_hidden_states=condition)
+            shares = [adapter / (text + adapter) for processor in self.processors
+                      for text, adapter in processor.branch_norms]
+        finally:
+            for processor in self.processors:
+                processor.branch_norms = None
+        return sum(shares) / len(shares)
 
     @contextmanager
     def attached(self, unet: UNet2DConditionModel) -> Iterator[None]:
