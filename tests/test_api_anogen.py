@@ -40,6 +40,7 @@ def test_finetune_then_generate(acme):
     job = wait_for_job(acme, finetune_id)
     assert job["status"] == "succeeded", job
     assert job["progress"]["done"] == job["progress"]["total"] == 6
+    assert job["result"]["ablated"] == [] and job["result"]["diagnostics"]["relative_distance"] > 0
     keys = {a["key"] for a in acme.get(f"/v1/jobs/{finetune_id}/artifacts").json()["items"]}
     assert any(k.startswith(f"adapters/{finetune_id}/") and k.endswith(".safetensors") for k in keys)
     assert any(k.startswith(f"adapters/{finetune_id}/") and k.endswith(".json") for k in keys)
@@ -65,7 +66,7 @@ def test_finetune_then_generate(acme):
     prefix = f"jobs/{job['id']}/"
     items = {a["key"]: a["url"] for a in acme.get(f"/v1/jobs/{job['id']}/artifacts").json()["items"]}
     manifest = acme.get(items[prefix + "manifest.json"]).json()
-    assert len(manifest["pairs"]) == 3 and all(p["weak_label"] for p in manifest["pairs"])
+    assert len(manifest["pairs"]) == 3 and all(p["weak_label"] and p["ablated"] == [] for p in manifest["pairs"])
     for pair in manifest["pairs"]:
         image = np.asarray(Image.open(io.BytesIO(acme.get(items[prefix + pair["image"]]).content)))
         box = np.asarray(Image.open(io.BytesIO(acme.get(items[prefix + pair["mask"]]).content))) > 0

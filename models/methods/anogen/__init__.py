@@ -5,10 +5,19 @@ Torch-free: the method's spec and params. The model code is in `pipeline.py`, th
 in `method.py`.
 """
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from models.methods.params import FinetuneParams
-from models.methods.spec import MethodSpec
+from models.methods.params import FinetuneParams, ablation_field, check_unique
+from models.methods.spec import Component, MethodSpec
+
+# What the paper's ablations take away: the learnt embedding itself (generating with the plain
+# initializer word instead) and the mask that focuses its loss on the defect.
+COMPONENTS = (
+    Component("embedding", "the learnt defect embedding in the generation prompt (ablated: the initializer word's "
+              "own embedding; a fine-tune naming it trains nothing)", "generate"),
+    Component("masked_loss", "the exemplar masks weighting the textual-inversion loss, so the embedding learns the "
+              "defect rather than the product around it (ablated: the plain loss over the whole image)", "finetune"),
+)
 
 
 class AnoGenParams(FinetuneParams):
@@ -19,8 +28,25 @@ class AnoGenParams(FinetuneParams):
     learning_rate: float = Field(default=0.005, gt=0, le=1.0, description="fine-tune: Adam learning rate")
     batch_size: int = Field(default=4, ge=1, le=64, description="fine-tune: images per step")
     initializer_token: str = Field(default="defect", min_length=1, description="word the embedding starts from")
-    masked_loss: bool = Field(default=True, description="fine-tune: weight the loss by the exemplar mask")
+    masked_loss: bool = Field(
+        default=True, description="fine-tune: weight the loss by the exemplar mask; false is the same as "
+        "ablate: [masked_loss] (kept for earlier jobs: the two must agree, and each is set from the other)",
+    )
     refined_mask: bool = Field(default=False, description="generate: also write a mask of where the image changed")
+    ablate: ablation_field([component.name for component in COMPONENTS])
+
+    @model_validator(mode="after")
+    def _check(self):
+        """`ablate` is what the pipeline reads; `masked_loss`, the knob earlier jobs had, is kept in step
+        with it (a stored job with masked_loss false loads as ablating it), and a contradiction is refused."""
+        check_unique(self.ablate, "ablate")
+        ablated = "masked_loss" in self.ablate
+        if ablated and self.masked_loss and "masked_loss" in self.model_fields_set:
+            raise ValueError("masked_loss is true but ablate names masked_loss: say one or the other")
+        if not self.masked_loss and not ablated:
+            self.ablate = [*self.ablate, "masked_loss"]
+        self.masked_loss = "masked_loss" not in self.ablate
+        return self
 
 
 SPEC = MethodSpec(
@@ -34,4 +60,5 @@ SPEC = MethodSpec(
     default_mask_source="exemplar",
     implementation="models.methods.anogen.method",
     weights=("SD_MODEL_DIR",),
+    components=COMPONENTS,
 )

@@ -2,6 +2,7 @@
 
 from collections.abc import Iterator, Sequence
 
+from models.diffusion.adapters import ablated_components
 from models.diffusion.loading import load_sd
 from models.masks.sampling import bounding_box
 from models.methods.anogen import pipeline
@@ -20,7 +21,7 @@ PAIRS_PER_CALL = 8  # items per call, all in one UNet batch
 
 def finetune(request: FinetuneRequest, on_progress: ProgressCallback) -> dict:
     sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device)
-    pipeline.finetune(
+    finetuned = pipeline.finetune(
         sd,
         [(exemplar.image, exemplar.mask) for exemplar in request.exemplars],
         request.params,
@@ -29,7 +30,8 @@ def finetune(request: FinetuneRequest, on_progress: ProgressCallback) -> dict:
         checkpoints=request.checkpoints,
         on_progress=lambda _stage, done, total: on_progress("training", done, total),
     )
-    return {"train_steps": request.params.train_steps}
+    return {"train_steps": pipeline.training_steps(request.params), "ablated": sorted(request.params.ablate),
+            "diagnostics": finetuned.diagnostics}
 
 
 def calls(request: GenerateRequest) -> list[list[Item]]:
@@ -39,13 +41,14 @@ def calls(request: GenerateRequest) -> list[list[Item]]:
 def generate(
     request: GenerateRequest, calls: Sequence[list[Item]], on_progress: ProgressCallback
 ) -> Iterator[list[Pair]]:
-    """Each item is painted inside the bounding box of its target mask: the box is its (weak) label."""
+    """Each item is painted inside the bounding box of its target mask: the box is its (weak) label.
+    Every pair records what was ablated: by the job, and by the adapter's fine-tune."""
     sd = load_sd(request.weight_dirs.get("SD_MODEL_DIR"), request.device, request.precision)
-    embedding = pipeline.load_adapter(request.adapter_dir)
+    ablated = ablated_components(request.params, pipeline.adapter_config(request.adapter_dir))
     for call in calls:
         items = [(request.normals[item.normal], bounding_box(request.target_mask(item)), item.seed) for item in call]
         results = pipeline.generate(
-            sd, embedding, items, request.params, images_per_batch=PAIRS_PER_CALL,
+            sd, request.adapter_dir, items, request.params, images_per_batch=PAIRS_PER_CALL,
             on_progress=lambda _stage, done, total: on_progress(GENERATING, done, total),
         )
-        yield [result.pair(item.index) for item, result in zip(call, results)]
+        yield [result.pair(item.index, ablated=ablated) for item, result in zip(call, results)]

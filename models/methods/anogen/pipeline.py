@@ -3,7 +3,9 @@
 Fine-tune: learn one text-embedding vector (the text encoder's width, 768 for SD 1.5) from 1-3
 exemplars by textual inversion with a mask-weighted loss, E||(eps - eps_theta(z_t, t, v)) * M||^2,
 so the vector describes the defect rather than the product around it. It starts from the word
-"defect"; the result is an adapter directory (safetensors + JSON config).
+"defect"; the result is an adapter directory (safetensors + JSON config), and diagnostics that say
+whether it learnt: the objective of the learnt vector and of its initializer at the same fixed
+draws, and how far the vector moved from its initializer.
 
 Generate: on each normal image, inside a box, DDIM from noise with classifier-free guidance while
 the latents outside the box are replaced, before every step, by the normal image's latents noised
@@ -12,18 +14,24 @@ normal image's, exactly (composited in pixel space at the end). The box is the m
 weak label, as the paper trains its detector with; optionally a refined mask marks where the
 image actually changed.
 
+Ablations (`params.ablate`, the paper's ablation rows): "masked_loss" (fine-tune) trains with the
+plain loss over the whole image; "embedding" generates with the initializer word's own vector
+(a fine-tune naming it trains nothing, and its adapter carries the ablation into every generate
+job). The adapter's config, the fine-tune's result and every pair's manifest entry record them.
+
 Reproducibility: each output depends only on its inputs and its seed, whatever else shares its
 batch (up to floating-point differences between batch sizes).
 """
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from models.diffusion.adapters import read_adapter_config
+from models.diffusion.adapters import ablated_components, read_adapter_config
 from models.diffusion.generation import GenerateItem, GenerateResult, as_items, blended_ddim, step_reporter
 from models.diffusion.images import (
     check_mask,
@@ -36,7 +44,13 @@ from models.diffusion.images import (
 )
 from models.diffusion.loading import StableDiffusion, fresh_scheduler
 from models.diffusion.sampling import encode_prompts
-from models.diffusion.textual_inversion import LearnedEmbedding, placeholder_tokens, train_embedding
+from models.diffusion.textual_inversion import (
+    LearnedEmbedding,
+    initial_vectors,
+    masked_mse,
+    placeholder_tokens,
+    train_embedding,
+)
 from models.masks.sampling import otsu_threshold
 from models.methods.anogen import AnoGenParams
 from models.methods.interface import Checkpoints, ProgressCallback, batched
@@ -58,6 +72,15 @@ TRAINING_TEMPLATES = (
 GENERATION_TEMPLATE = "{}"
 # A refined mask ignores changes below this (out of 255): VAE round-trip noise, not defect.
 MIN_CHANGE = 12
+# The diagnostics' objective: these many (timestep, noise) draws per exemplar, the same for every
+# run and for the initializer, so the two losses compare without the noise of training's draws.
+DIAGNOSTIC_DRAWS = 16
+DIAGNOSTIC_SEED = 0
+
+
+class Finetuned(NamedTuple):
+    embedding: LearnedEmbedding
+    diagnostics: dict[str, float]
 
 
 def finetune(
@@ -69,18 +92,21 @@ def finetune(
     out_dir: str | Path,
     checkpoints: Checkpoints | None = None,
     on_progress: ProgressCallback | None = None,
-) -> LearnedEmbedding:
+) -> Finetuned:
     """Learn the defect embedding from (image, mask) exemplars and write the adapter to `out_dir`.
 
     checkpoints: where this run's checkpoints go; if the folder holds one, training resumes from
-    it. on_progress("train", step, train_steps) follows every step. Returns the embedding it saved.
+    it. on_progress("train", step, train_steps) follows every step. Returns the embedding it saved
+    and its diagnostics (`diagnostics`).
     """
-    # 1. Exemplars to latents, and their masks to latent-size loss weights.
+    # 1. Exemplars to latents, and their masks to latent-size loss weights (none: the plain loss).
     _check_exemplars(exemplars, params)
     latent_size = params.resolution // sd.vae_scale_factor
     pixels = torch.stack([image_to_pixels(image, params.resolution) for image, _ in exemplars])
     latents = encode(sd, pixels)
-    masks = torch.stack([mask_to_latent(mask, latent_size) for _, mask in exemplars]) if params.masked_loss else None
+    masks = None
+    if "masked_loss" not in params.ablate:
+        masks = torch.stack([mask_to_latent(mask, latent_size) for _, mask in exemplars])
 
     # 2. Textual inversion of one vector, starting from the initializer word.
     embedding = train_embedding(
@@ -90,7 +116,7 @@ def finetune(
         tokens=[PLACEHOLDER],
         initializer=params.initializer_token,
         templates=TRAINING_TEMPLATES,
-        steps=params.train_steps,
+        steps=training_steps(params),
         learning_rate=params.learning_rate,
         batch_size=params.batch_size,
         seed=seed,
@@ -98,12 +124,51 @@ def finetune(
         on_progress=(lambda done, total: on_progress("train", done, total)) if on_progress else None,
     )
 
-    # 3. The adapter: safetensors + JSON config.
-    embedding.save(
-        Path(out_dir),
-        {"method": METHOD, "seed": seed, "exemplars": len(exemplars), "params": params.model_dump()},
-    )
-    return embedding
+    # 3. Diagnostics, and the adapter: safetensors + JSON config.
+    start = LearnedEmbedding(embedding.tokens, initial_vectors(sd, params.initializer_token, len(embedding.tokens)))
+    diagnostics = _diagnostics(sd, embedding, start, latents, masks)
+    embedding.save(Path(out_dir), {
+        "method": METHOD, "seed": seed, "exemplars": len(exemplars), "params": params.model_dump(),
+        "ablate": sorted(params.ablate), "diagnostics": diagnostics,
+    })
+    return Finetuned(embedding, diagnostics)
+
+
+def _diagnostics(sd: StableDiffusion, learnt: LearnedEmbedding, start: LearnedEmbedding, latents: torch.Tensor,
+                 masks: torch.Tensor | None) -> dict[str, float]:
+    """Whether the embedding learnt: the training objective of the learnt vector ("loss") and of its
+    initializer ("initializer_loss") at the same fixed draws, and its L2 distance from the
+    initializer, also relative to the initializer's norm (0: it never moved)."""
+    distance = float((learnt.vectors - start.vectors).norm())
+    return {
+        "loss": _objective(sd, learnt, latents, masks),
+        "initializer_loss": _objective(sd, start, latents, masks),
+        "embedding_distance": distance,
+        "relative_distance": distance / float(start.vectors.norm()),
+    }
+
+
+@torch.no_grad()
+def _objective(sd: StableDiffusion, embedding: LearnedEmbedding, latents: torch.Tensor,
+               masks: torch.Tensor | None) -> float:
+    """The fine-tune's loss E||(eps - eps_theta(z_t, t, v)) * M||^2 under the first training template,
+    at DIAGNOSTIC_DRAWS (t, eps) draws per exemplar from DIAGNOSTIC_SEED."""
+    generator = torch.Generator().manual_seed(DIAGNOSTIC_SEED)
+    picks = torch.arange(len(latents)).repeat_interleave(DIAGNOSTIC_DRAWS)
+    scheduler = fresh_scheduler(sd)
+    t = torch.randint(scheduler.config.num_train_timesteps, (len(picks),), generator=generator)
+    noise = torch.randn((len(picks), *latents.shape[1:]), generator=generator)
+    noisy = scheduler.add_noise(latents.cpu()[picks], noise, t)
+    with placeholder_tokens(sd, embedding) as (tokenizer, _):
+        cond = encode_prompts(sd, [TRAINING_TEMPLATES[0].format(embedding.prompt)], tokenizer)
+        losses = []
+        for number in range(len(latents)):  # one UNet call per exemplar's draws
+            draws = slice(number * DIAGNOSTIC_DRAWS, (number + 1) * DIAGNOSTIC_DRAWS)
+            eps = sd.unet(noisy[draws].to(sd.device, sd.dtype), t[draws].to(sd.device),
+                          cond.expand(DIAGNOSTIC_DRAWS, -1, -1)).sample.float()
+            mask = None if masks is None else masks[number : number + 1].to(sd.device)
+            losses.append(masked_mse(eps, noise[draws].to(sd.device), mask))
+    return float(torch.stack(losses).mean())
 
 
 def generate(
@@ -119,11 +184,17 @@ def generate(
     is the box (a weak label); with `refined_mask`, its extra mask "refined_mask" marks where the
     image changed.
 
-    adapter: a fine-tune output directory (or its embedding). Up to `images_per_batch` items share
-    each UNet call. on_progress("generate", steps done, steps in all) follows every denoising step.
+    adapter: a fine-tune output directory (or its embedding). With "embedding" ablated, by this job
+    or by the adapter's fine-tune, the prompt's vector is the initializer word's own (the adapter's
+    initializer; for an embedding given in memory, `params.initializer_token`). Up to
+    `images_per_batch` items share each UNet call. on_progress("generate", steps done, steps in
+    all) follows every denoising step.
     """
-    # 1. Load the adapter and check the items.
-    embedding = load_adapter(adapter)
+    # 1. Load the adapter (or, ablated, its initializer's vector) and check the items.
+    embedding, config = load_adapter(adapter), adapter_config(adapter)
+    if "embedding" in ablated_components(params, config):
+        initializer = config.get("params", {}).get("initializer_token", params.initializer_token)
+        embedding = LearnedEmbedding(embedding.tokens, initial_vectors(sd, initializer, len(embedding.tokens)))
     items = as_items(items)
     _check_items(items)
 
@@ -164,13 +235,29 @@ def load_adapter(adapter: str | Path | LearnedEmbedding) -> LearnedEmbedding:
     return LearnedEmbedding.load(Path(adapter))[0]
 
 
+def adapter_config(adapter: str | Path | LearnedEmbedding) -> dict:
+    """The config of an AnoGen fine-tune's output folder ({} for an embedding given in memory), its
+    `ablate` filled in for adapters made before ablations were recorded (from their masked_loss)."""
+    if isinstance(adapter, LearnedEmbedding):
+        return {}
+    config = read_adapter_config(Path(adapter), METHOD)
+    if "ablate" not in config:
+        config["ablate"] = [] if config.get("params", {}).get("masked_loss", True) else ["masked_loss"]
+    return config
+
+
+def training_steps(params: AnoGenParams) -> int:
+    """The optimiser steps a fine-tune takes: none when the embedding is ablated (nothing to learn)."""
+    return 0 if "embedding" in params.ablate else params.train_steps
+
+
 def _check_exemplars(exemplars, params: AnoGenParams) -> None:
     if not exemplars:
         raise ValueError("AnoGen needs at least one exemplar")
     for number, (image, mask) in enumerate(exemplars):
         check_mode(image)
         check_mask(mask, image)
-        if params.masked_loss and not np.any(mask):
+        if "masked_loss" not in params.ablate and not np.any(mask):
             raise ValueError(f"exemplar {number} has an empty mask: the masked loss would learn nothing from it")
 
 
