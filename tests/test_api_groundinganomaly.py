@@ -45,6 +45,8 @@ def test_finetune_on_two_defect_types_and_normals_then_generate_each(acme):
     job = wait_for_job(acme, finetune.json()["id"], timeout=120)
     assert job["status"] == "succeeded", job
     assert job["result"]["defects"] == ["crack", "hole"] and job["result"]["normals"] == 2
+    assert job["result"]["ablated"] == [] and set(job["result"]["diagnostics"]) == {"loss", "gates"}
+    assert set(job["result"]["diagnostics"]["gates"]) == {"mean_abs_tanh", "max_abs_tanh"}
     keys = {a["key"] for a in acme.get(f"/v1/jobs/{job['id']}/artifacts").json()["items"]}
     prefix = f"adapters/{job['id']}/"
     assert {prefix + name for name in ("adapter_config.json", "learned_embeds.safetensors", "scm.safetensors",
@@ -53,12 +55,12 @@ def test_finetune_on_two_defect_types_and_normals_then_generate_each(acme):
 
     jobs = {
         "crack": {"exemplars": [e["id"] for e in cracks]},
-        "hole": {"defect": "hole", "masks": {"source": "learned"}},
+        "hole": {"defect": "hole", "masks": {"source": "learned"}, "params": {**TINY, "ablate": ["ndi"]}},
     }
     for defect, fields in jobs.items():
         response = acme.post("/v1/jobs", json={"kind": "generate", "method": "groundinganomaly", "adapter": job["id"],
-                                               "normals": list(normals), "count": 4, "seed": 5, "params": TINY,
-                                               **fields})
+                                               "normals": list(normals), "count": 4, "seed": 5, "params": TINY}
+                             | fields)
         assert response.status_code == 202, response.text
         generated = wait_for_job(acme, response.json()["id"], timeout=120)
         assert generated["status"] == "succeeded", generated
@@ -68,6 +70,7 @@ def test_finetune_on_two_defect_types_and_normals_then_generate_each(acme):
         assert sorted(p["index"] for p in manifest["pairs"]) == [0, 1, 2, 3]
         for pair in manifest["pairs"]:
             assert pair["defect"] == defect and pair["image"].startswith(f"images/{defect}/")
+            assert pair["ablated"] == fields.get("params", {}).get("ablate", [])
             image = np.asarray(Image.open(io.BytesIO(acme.get(items[out + pair["image"]]).content)))
             mask = np.asarray(Image.open(io.BytesIO(acme.get(items[out + pair["mask"]]).content))) > 0
             source = normals[pair["normal"]]
@@ -76,6 +79,12 @@ def test_finetune_on_two_defect_types_and_normals_then_generate_each(acme):
             # outside the mask dilated by the 3 px blend band the pixels are the normal image's
             far = ~np.asarray(Image.fromarray(mask).filter(ImageFilter.MaxFilter(7)))
             assert np.array_equal(image[far], source[far])
+
+    # A component that acts only in training, named on a generate job: refused at submit, and why.
+    refused = acme.post("/v1/jobs", json={"kind": "generate", "method": "groundinganomaly", "adapter": job["id"],
+                                          "normals": list(normals), "count": 1, "params": {**TINY, "ablate": ["mnt"]},
+                                          "exemplars": [e["id"] for e in cracks]})
+    assert refused.status_code == 422 and "mnt act only in training" in refused.text, refused.text
 
     # A defect type the adapter did not learn, or none named with learned masks: refused at submit.
     jobs_before = acme.get("/v1/jobs", params={"limit": 1000}).json()["items"]

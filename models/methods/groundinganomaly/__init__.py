@@ -9,10 +9,25 @@ Torch-free: the method's spec and params. The model code is in `pipeline.py` (wi
 semantic map and its encoder, and `gsm.py`, the gated blocks and LoRA), the job interface in `method.py`.
 """
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from models.methods.params import FadeRing, FinetuneParams, NormalBackground
-from models.methods.spec import MethodSpec
+from models.methods.params import FadeRing, FinetuneParams, NormalBackground, ablation_field, check_unique
+from models.methods.spec import Component, MethodSpec
+
+# The paper's ablation rows. The grounding's architecture (scm, sff) is fixed when the adapter is
+# trained, so those are named on the fine-tune job; its adapter carries them into every generate job.
+COMPONENTS = (
+    Component("scm", "the semantic map encoded by ConvNeXt: ablated, GLIGEN's box grounding instead (one token "
+              "per box: the product's and the defect's bounding boxes with their learned tokens)", "finetune"),
+    Component("sff", "multi-stage semantic feature fusion: ablated, the grounding tokens come from ConvNeXt's "
+              "last stage alone", "finetune"),
+    Component("gsm", "the gated self-attention grounding in every transformer block: ablated, no grounding at "
+              "all (prompt and LoRA only)", "generate"),
+    Component("lora", "LoRA on the UNet's own attention: ablated, none trained or applied", "generate"),
+    Component("mnt", "normal mixing in training: ablated, every batch is exemplars only", "finetune"),
+    Component("ndi", "normal-prior start: ablated, generation starts from pure noise over the full schedule "
+              "(the normal image still kept outside the mask)", "generate"),
+)
 
 
 class GroundingAnomalyParams(FinetuneParams):
@@ -25,7 +40,14 @@ class GroundingAnomalyParams(FinetuneParams):
     guidance_scale: float = Field(default=7.5, ge=1.0, le=30.0, description="generate: classifier-free guidance")
     train_steps: int = Field(default=2000, ge=1, le=100_000, description="fine-tune: AdamW steps of the GSM/SCM/LoRA")
     learning_rate: float = Field(default=5e-5, gt=0, le=1.0,
-                                 description="fine-tune: AdamW learning rate (GLIGEN's fine-tuning rate, 5e-5)")
+                                 description="fine-tune: AdamW learning rate of the LoRA and ConvNeXt "
+                                 "(GLIGEN's fine-tuning rate, 5e-5)")
+    grounding_learning_rate: float = Field(
+        default=1e-3, gt=0, le=1.0,
+        description="fine-tune: AdamW learning rate of the new layers (the gates and fusers, the SFF, the stem "
+        "and the map's tokens), as GLIGEN trains its new layers apart: Adam moves a gate by about this much a "
+        "step at most, so at 5e-5 tanh(gamma) stays within 0.1 over 2000 steps and the grounding can hardly act",
+    )
     batch_size: int = Field(default=4, ge=1, le=64, description="fine-tune: images per step")
     lora_rank: int = Field(default=8, ge=1, le=128,
                            description="fine-tune: rank of the LoRA on the UNet's own attention projections")
@@ -48,6 +70,12 @@ class GroundingAnomalyParams(FinetuneParams):
     )
     background: NormalBackground = "normal"
     mask_dilation: FadeRing = 3
+    ablate: ablation_field([component.name for component in COMPONENTS])
+
+    @model_validator(mode="after")
+    def _check(self):
+        check_unique(self.ablate, "ablate")
+        return self
 
 
 SPEC = MethodSpec(
@@ -64,4 +92,5 @@ SPEC = MethodSpec(
     weights=("SD_MODEL_DIR", "CONVNEXT_MODEL_DIR"),
     finetune_needs_normals=True,
     finetune_learns_defect_types=True,
+    components=COMPONENTS,
 )

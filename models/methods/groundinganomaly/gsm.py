@@ -95,42 +95,45 @@ class GatedBlocks(torch.nn.Module):
 @contextmanager
 def attached(
     unet: UNet2DConditionModel,
-    gated: GatedBlocks,
-    position_net: torch.nn.Module,
-    lora: LoraConfig,
+    gated: GatedBlocks | None,
+    position_net: torch.nn.Module | None,
+    lora: LoraConfig | None,
     lora_state: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[list[torch.Tensor]]:
     """Inside the block the UNet has the LoRA (fresh, or `lora_state`), the fusers and `position_net`;
-    yields the LoRA parameters (float32: fp16 would lose the optimiser's small updates)."""
+    yields the LoRA parameters (float32: fp16 would lose the optimiser's small updates). None for
+    `gated` (the `gsm` ablation) or `lora` (the `lora` ablation) leaves that part off."""
     with restored_after(unet):
-        inject_adapter_in_model(lora, unet)
-        if lora_state is not None:
-            set_peft_model_state_dict(unet, lora_state)
         lora_parameters = []
-        for module in unet.modules():
-            if isinstance(module, LoraLayer):
-                module.lora_A.float()
-                module.lora_B.float()
-                lora_parameters += [*module.lora_A.parameters(), *module.lora_B.parameters()]
-        for name, fuser in zip(gated.blocks, gated.fusers):
-            unet.get_submodule(name).fuser = fuser
-        unet.position_net = position_net
+        if lora is not None:
+            inject_adapter_in_model(lora, unet)
+            if lora_state is not None:
+                set_peft_model_state_dict(unet, lora_state)
+            for module in unet.modules():
+                if isinstance(module, LoraLayer):
+                    module.lora_A.float()
+                    module.lora_B.float()
+                    lora_parameters += [*module.lora_A.parameters(), *module.lora_B.parameters()]
+        if gated is not None:
+            for name, fuser in zip(gated.blocks, gated.fusers):
+                unet.get_submodule(name).fuser = fuser
+            unet.position_net = position_net
         yield lora_parameters
 
 
 @contextmanager
 def attached_for_sampling(
     unet: UNet2DConditionModel,
-    gated: GatedBlocks,
-    position_net: torch.nn.Module,
-    lora: LoraConfig,
+    gated: GatedBlocks | None,
+    position_net: torch.nn.Module | None,
+    lora: LoraConfig | None,
     lora_state: dict[str, torch.Tensor] | None,
     grounding_tokens: int,
 ) -> Iterator[None]:
     """What `attached` gives, for inference only (nothing trainable): the LoRA merged into its
     projections, and the fusers attending with visual queries only (`grounding_tokens`: how many
-    tokens position_net makes)."""
-    with restored_after(unet, gated), torch.no_grad():
+    tokens position_net makes). No `gated` or no `lora_state`: that part is left off."""
+    with restored_after(unet, *([gated] if gated is not None else [])), torch.no_grad():
         if lora_state:
             scaling = lora.lora_alpha / (math.sqrt(lora.r) if lora.use_rslora else lora.r)
             if lora.use_dora or lora.rank_pattern or lora.alpha_pattern:
@@ -148,10 +151,11 @@ def attached_for_sampling(
                 merged.bias = base.bias
                 parent, _, child = name.rpartition(".")
                 setattr(unet.get_submodule(parent), child, merged)
-        for name, fuser in zip(gated.blocks, gated.fusers):
-            fuser.attn.set_processor(VisualQueriesOnly(grounding_tokens))
-            unet.get_submodule(name).fuser = fuser
-        unet.position_net = position_net
+        if gated is not None:
+            for name, fuser in zip(gated.blocks, gated.fusers):
+                fuser.attn.set_processor(VisualQueriesOnly(grounding_tokens))
+                unet.get_submodule(name).fuser = fuser
+            unet.position_net = position_net
         yield
 
 

@@ -7,6 +7,9 @@
   type (all of them if none has it); 'learned' samples the adapter's mask embedding of it, the
   masks of a call in one batch, each from its own item's seed.
 - Calls: up to PAIRS_PER_CALL items, in one UNet batch.
+- Ablations (`params.ablate`): a fine-tune's are recorded in its adapter and its result (with the
+  diagnostics: final loss, how far the gates opened); every pair's manifest entry names those it
+  ran without (the job's and its adapter's).
 """
 
 from collections.abc import Iterator, Sequence
@@ -49,7 +52,8 @@ def finetune(request: FinetuneRequest, on_progress: ProgressCallback) -> dict:
         on_progress=on_progress,
     )
     return {"train_steps": request.params.train_steps, "product": adapter.product, "defects": adapter.defects,
-            "exemplars": len(exemplars), "normals": len(request.normals)}
+            "exemplars": len(exemplars), "normals": adapter.config["normals"], "ablated": adapter.config["ablate"],
+            "diagnostics": adapter.config["diagnostics"]}
 
 
 def calls(request: GenerateRequest) -> list[list[Item]]:

@@ -9,12 +9,18 @@ Fine-tune, one job per product, its defect types jointly:
    (the `learned` mask source).
 3. The SCM (tokens, stem, ConvNeXt, SFF), the GSM (gated self-attention in every transformer
    block, gsm.py) and LoRA on the UNet's attention learn with the LDM noise-prediction loss,
-   AdamW at GLIGEN's fine-tuning rate (5e-5). MNT: each image of a batch is a normal one with
-   probability `normal_fraction`, an exemplar otherwise. A `cfg_dropout` share of steps trains
-   the unconditional branch (empty prompt, gated blocks off), as GLIGEN drops its grounding.
+   AdamW in two groups: the LoRA and ConvNeXt at GLIGEN's fine-tuning rate (`learning_rate`,
+   5e-5), the new layers (gates, fusers, SFF, stem, tokens) at `grounding_learning_rate`, since
+   Adam moves a gate about one learning rate a step at most and at 5e-5 the gates would stay
+   nearly shut. MNT: each image of a batch is a normal one with probability `normal_fraction`,
+   an exemplar otherwise; each image is flipped at random, its semantic map alike. A
+   `cfg_dropout` share of steps trains the unconditional branch (empty prompt, gated blocks
+   off), as GLIGEN drops its grounding.
 4. The adapter: `learned_embeds.safetensors` (the map's tokens, textual-inversion layout),
    `scm.safetensors`, `gsm.safetensors`, `lora/` (peft), `mask_embeds.safetensors` and
-   `adapter_config.json` (with the SD and ConvNeXt checkpoints' fingerprints: another is refused).
+   `adapter_config.json` (with the SD and ConvNeXt checkpoints' fingerprints: another is refused;
+   `ablate`, the components it was trained without; `diagnostics`, the final loss and how far
+   the gates opened, mean and max |tanh(gamma)| over every gate).
 
 Generate, per item (normal image, target mask, seed):
 1. The semantic map of the normal image with the defect's token in the target mask -> tokens.
@@ -29,6 +35,16 @@ Generate, per item (normal image, target mask, seed):
    the mask, and every pixel beyond is the normal's. "generated" (the paper's whole image) is
    offered here only: its pixels outside the mask are not the normal's, which no labelled pair
    of the service may be, so jobs always use "normal".
+
+Ablations (`params.ablate`, the paper's rows; the adapter's config records a fine-tune's, and
+every generate job using it runs without them too):
+- `scm` (fine-tune): GLIGEN's box grounding (scm.BoxGrounding) in place of the encoded map.
+- `sff` (fine-tune): the grounding tokens from ConvNeXt's last stage alone.
+- `gsm`: no grounding at all (no gated blocks, no SCM trained); `lora`: none trained or applied.
+  A fine-tune without both has nothing to train and is refused.
+- `mnt` (fine-tune): exemplars only; the normal images are not used.
+- `ndi`: generation starts from pure noise and runs the full schedule (the normal image is still
+  kept outside the mask, as the service's labels need).
 
 Deviations and choices where the paper is silent:
 - SFF: our reading, in scm.py. The map also has a background token (every pixel carries one).
@@ -50,7 +66,13 @@ from peft import LoraConfig
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from models.diffusion.adapters import check_base_model, model_fingerprint, read_adapter_config, write_adapter_config
+from models.diffusion.adapters import (
+    ablated_components,
+    check_base_model,
+    model_fingerprint,
+    read_adapter_config,
+    write_adapter_config,
+)
 from models.diffusion.generation import GenerateItem, GenerateResult, as_items, step_reporter
 from models.diffusion.images import (
     check_mask,
@@ -83,7 +105,7 @@ from models.methods.groundinganomaly.gsm import (
     lora_state,
     save_lora,
 )
-from models.methods.groundinganomaly.scm import SpatialConditioning, semantic_map
+from models.methods.groundinganomaly.scm import BoxGrounding, SpatialConditioning, semantic_map
 from models.methods.interface import Checkpoints, ProgressCallback
 
 METHOD = "groundinganomaly"
@@ -108,10 +130,10 @@ class Exemplar:
 class LoadedAdapter:
     """A fine-tune's trained parts, ready to attach: everything generate needs."""
 
-    scm: SpatialConditioning
-    gated: GatedBlocks
-    lora: LoraConfig
-    lora_weights: dict[str, torch.Tensor] | None  # peft's state dict; None: freshly initialised
+    grounding: SpatialConditioning | BoxGrounding | None  # None: trained without the gsm
+    gated: GatedBlocks | None  # None: trained without the gsm
+    lora: LoraConfig | None  # None: trained without the lora
+    lora_weights: dict[str, torch.Tensor] | None  # peft's state dict; None: freshly initialised or none
     mask_embeddings: LearnedEmbedding  # one token per defect type, in `defects` order
     config: dict
 
@@ -128,6 +150,37 @@ class LoadedAdapter:
             raise InputError(f"the adapter learnt the defect types {', '.join(self.defects)}, not {defect!r}: "
                              "name one of them in `defect`")
         return self.defects.index(defect)
+
+
+@dataclass(frozen=True)
+class TrainingBatch:
+    """One fine-tune step's draw: which images, flipped how, noised how."""
+
+    picks: torch.Tensor  # (B,) indices of the training images: the exemplars first, then the normals
+    flips: torch.Tensor  # (B, 2) bool: left-right, upside down
+    latents: torch.Tensor  # (B, 4, h, w) the picked images' latents, flipped
+    maps: torch.Tensor  # (B, H, W) their semantic maps, flipped alike
+    t: torch.Tensor  # (B,) timesteps
+    noise: torch.Tensor  # (B, 4, h, w)
+    unconditional: bool  # a cfg_dropout step: empty prompt, no grounding
+
+
+def draw_batch(latents: torch.Tensor, maps: torch.Tensor, exemplars: int, normal_fraction: float, size: int,
+               cfg_dropout: float, timesteps: int, generator: torch.Generator) -> TrainingBatch:
+    """A batch of `size` training images (MNT: each a normal one, past the first `exemplars`, with
+    probability `normal_fraction`), drawn from `generator` alone."""
+    normals = len(latents) - exemplars
+    take_normal = torch.rand(size, generator=generator) < normal_fraction
+    if normals == 0:
+        take_normal[:] = False
+    picks = torch.where(take_normal, exemplars + torch.randint(max(normals, 1), (size,), generator=generator),
+                        torch.randint(exemplars, (size,), generator=generator))
+    flips = torch.rand(size, 2, generator=generator) < 0.5
+    t = torch.randint(timesteps, (size,), generator=generator)
+    noise = torch.randn((size, *latents.shape[1:]), generator=generator)
+    unconditional = bool(torch.rand(1, generator=generator) < cfg_dropout)
+    return TrainingBatch(picks, flips, _flipped(latents[picks], flips), _flipped(maps[picks], flips), t, noise,
+                         unconditional)
 
 
 def token_names(defects: Sequence[str]) -> list[str]:
@@ -155,13 +208,16 @@ def finetune(
     checkpoints in its own sub-folder and resumes from it. on_progress(stage, done, total) follows
     every step and may raise to stop.
     """
-    _check_training_set(exemplars, normals, params)
+    ablated = sorted(params.ablate)
+    normal_fraction = 0.0 if "mnt" in ablated else params.normal_fraction
+    normals = [] if "mnt" in ablated else list(normals)
+    _check_training_set(exemplars, normals, normal_fraction, ablated)
     report = on_progress or (lambda _stage, _done, _total: None)
     defects = list(dict.fromkeys(e.defect for e in exemplars))
     resolution = params.resolution
 
     # 1. Latents, semantic maps and prompts of the exemplars, then of the normal images.
-    images = [e.image for e in exemplars] + list(normals)
+    images = [e.image for e in exemplars] + normals
     latents = encode(sd, torch.stack([image_to_pixels(image, resolution) for image in images]))
     maps = torch.stack(
         [semantic_map(foreground_mask(e.image) | e.mask, e.mask, defects.index(e.defect), resolution)
@@ -190,70 +246,96 @@ def finetune(
     # 3. SCM + GSM + LoRA with the LDM loss, batches mixing exemplars and normal images (MNT).
     words = ["background", product, *defects]
     tokens = torch.cat([initial_vectors(sd, word, 1) for word in words])
-    width = sd.unet.config.cross_attention_dim
-    lora = lora_config(params.lora_rank)
+    lora = None if "lora" in ablated else lora_config(params.lora_rank)
     scheduler = fresh_scheduler(sd)
-    anomalous, normal = len(exemplars), len(normals)
+    anomalous = len(exemplars)
 
     def loss_at(_step: int, generator: torch.Generator) -> torch.Tensor:
-        batch = params.batch_size
-        take_normal = torch.rand(batch, generator=generator) < params.normal_fraction
-        if normal == 0:
-            take_normal[:] = False
-        picks = torch.where(take_normal, anomalous + torch.randint(max(normal, 1), (batch,), generator=generator),
-                            torch.randint(anomalous, (batch,), generator=generator))
-        flips = torch.rand(batch, 2, generator=generator) < 0.5
-        t = torch.randint(scheduler.config.num_train_timesteps, (batch,), generator=generator)
-        noise = torch.randn((batch, *latents.shape[1:]), generator=generator).to(sd.device)
-        unconditional = bool(torch.rand(1, generator=generator) < params.cfg_dropout)
-        noisy = scheduler.add_noise(_flipped(latents[picks], flips), noise, t.to(sd.device))
-        if unconditional:
-            eps = sd.unet(noisy.to(sd.dtype), t.to(sd.device), empty.expand(batch, -1, -1)).sample
+        batch = draw_batch(latents, maps, anomalous, normal_fraction, params.batch_size, params.cfg_dropout,
+                           scheduler.config.num_train_timesteps, generator)
+        t, noise = batch.t.to(sd.device), batch.noise.to(sd.device)
+        noisy = scheduler.add_noise(batch.latents, noise, t).to(sd.dtype)
+        if batch.unconditional:
+            eps = sd.unet(noisy, t, empty.expand(len(t), -1, -1)).sample
         else:
-            features = scm.stage_features(_flipped(maps[picks], flips).to(sd.device))
-            eps = sd.unet(noisy.to(sd.dtype), t.to(sd.device), prompts[picks],
-                          cross_attention_kwargs={"gligen": {"stage_features": features}}).sample
+            grounded = None if grounding is None else {"gligen": grounding.grounding_inputs(batch.maps.to(sd.device))}
+            eps = sd.unet(noisy, t, prompts[batch.picks], cross_attention_kwargs=grounded).sample
         return F.mse_loss(eps.float(), noise)
 
     run = {"method": METHOD, "params": params.model_dump(mode="json"), "product": product, "defects": defects,
-           "latents_shape": list(latents.shape), "exemplars": anomalous, "normals": normal}
+           "latents_shape": list(latents.shape), "exemplars": anomalous, "normals": len(normals)}
     # The new layers (stem, SFF, fusers, LoRA's A) start from the job's seed, so that a resumed run
     # starts as the uninterrupted one did; the global random state is left as it was.
     with torch.random.fork_rng(devices=[]):  # the CPU generator, which initialises new layers
         torch.default_generator.manual_seed(seed)
-        scm = SpatialConditioning(tokens, convnext, width).to(sd.device).train()
-        gated = GatedBlocks(sd.unet, width).to(sd.device).train()
-        with attached(sd.unet, gated, scm.fusion, lora) as lora_parameters:
-            trainables = {"scm": scm, "gsm": gated, **{f"lora.{i}": p for i, p in enumerate(lora_parameters)}}
-            optimizer = torch.optim.AdamW([*scm.parameters(), *gated.parameters(), *lora_parameters],
-                                          lr=params.learning_rate)
-            train(trainables, optimizer, loss_at, steps=params.train_steps, seed=seed, run=run, device=sd.device,
-                  mixed_precision=sd.dtype == torch.float16, checkpoints=_stage_checkpoints(checkpoints, "gsm"),
-                  on_step=lambda done, total: report("training", done, total))
-            trained_lora = lora_state(sd.unet)
-    scm.eval()
-    gated.eval()
+        grounding, gated = _new_grounding(sd, convnext, tokens, ablated)
+        position_net = grounding.position_net if grounding is not None else None
+        with attached(sd.unet, gated, position_net, lora) as lora_parameters:
+            trainables = {**({"scm": grounding, "gsm": gated} if gated is not None else {}),
+                          **{f"lora.{i}": p for i, p in enumerate(lora_parameters)}}
+            new = [*grounding.new_parameters(), *gated.parameters()] if gated is not None else []
+            pretrained = [p for p in (grounding.parameters() if grounding is not None else ())
+                          if all(p is not q for q in new)]  # ConvNeXt
+            groups = [{"params": [*lora_parameters, *pretrained], "lr": params.learning_rate},
+                      {"params": new, "lr": params.grounding_learning_rate}]
+            optimizer = torch.optim.AdamW([group for group in groups if group["params"]])
+            final = train(trainables, optimizer, loss_at, steps=params.train_steps, seed=seed, run=run,
+                          device=sd.device, mixed_precision=sd.dtype == torch.float16,
+                          checkpoints=_stage_checkpoints(checkpoints, "gsm"),
+                          on_step=lambda done, total: report("training", done, total))
+            trained_lora = lora_state(sd.unet) if lora is not None else None
+    if gated is not None:
+        grounding.eval()
+        gated.eval()
 
     # 4. The adapter.
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = token_names(defects)
-    save_file({names[0]: scm.tokens.detach().float().cpu().contiguous()}, out_dir / TOKENS_FILE)
-    save_file({key: value.detach().contiguous() for key, value in scm.state_dict().items() if key != "tokens"},
-              out_dir / SCM_FILE)
-    gated.save(out_dir)
-    save_lora(out_dir, lora, trained_lora)
+    if gated is not None:
+        save_file({names[0]: grounding.tokens.detach().float().cpu().contiguous()}, out_dir / TOKENS_FILE)
+        save_file({key: value.detach().contiguous() for key, value in grounding.state_dict().items()
+                   if key != "tokens"}, out_dir / SCM_FILE)
+        gated.save(out_dir)
+    if lora is not None:
+        save_lora(out_dir, lora, trained_lora)
     save_file({mask_embeddings.tokens[0]: mask_embeddings.vectors.contiguous()}, out_dir / MASK_EMBEDDINGS_FILE)
     config = {
         "product": product, "defects": defects, "tokens": names, "token_width": tokens.shape[1],
-        "mask_tokens": mask_embeddings.tokens, "lora_rank": params.lora_rank, "blocks": gated.blocks,
+        "mask_tokens": mask_embeddings.tokens, "lora_rank": params.lora_rank,
+        "blocks": gated.blocks if gated is not None else [],
         "templates": {"prompt": PROMPT, "normal": NORMAL_PROMPT, "mask": MASK_TEMPLATES[0]},
         "sd_fingerprint": model_fingerprint(sd.model_dir),
         "convnext_fingerprint": model_fingerprint(convnext.name_or_path),
-        "seed": seed, "exemplars": anomalous, "normals": normal, "params": params.model_dump(mode="json"),
+        "seed": seed, "exemplars": anomalous, "normals": len(normals), "params": params.model_dump(mode="json"),
+        "ablate": ablated, "diagnostics": diagnostics(final, gated),
     }
     write_adapter_config(out_dir, METHOD, **config)
-    return LoadedAdapter(scm, gated, lora, trained_lora, mask_embeddings, {"method": METHOD, **config})
+    return LoadedAdapter(grounding, gated, lora, trained_lora, mask_embeddings, {"method": METHOD, **config})
+
+
+def diagnostics(final_losses: dict[str, float], gated: GatedBlocks | None) -> dict:
+    """What a user reads off a fine-tune: the loss's final value (the mean of the last steps; None
+    when a resumed run had no step left) and how far the gates opened, |tanh(gamma)| over both
+    gates (attention, feed-forward) of every gated block: near 0 the grounding hardly acts."""
+    result = {"loss": {"noise_prediction": final_losses.get("total")}}
+    if gated is not None:
+        openings = gated.gammas().tanh().abs()
+        result["gates"] = {"mean_abs_tanh": float(openings.mean()), "max_abs_tanh": float(openings.max())}
+    return result
+
+
+def _new_grounding(sd: StableDiffusion, convnext, tokens: torch.Tensor, ablated: Sequence[str]):
+    """Fresh (grounding, gated blocks) as `ablated` asks: the SCM, its SFF on the last stage alone
+    (`sff`), GLIGEN's box grounding (`scm`), or none at all (`gsm`)."""
+    width = sd.unet.config.cross_attention_dim
+    if "gsm" in ablated:
+        return None, None
+    if "scm" in ablated:
+        grounding = BoxGrounding(tokens, width)
+    else:
+        grounding = SpatialConditioning(tokens, convnext, width, last_stage_only="sff" in ablated)
+    return grounding.to(sd.device).train(), GatedBlocks(sd.unet, width).to(sd.device).train()
 
 
 def load_adapter(folder: str | Path, sd: StableDiffusion, convnext) -> LoadedAdapter:
@@ -263,19 +345,23 @@ def load_adapter(folder: str | Path, sd: StableDiffusion, convnext) -> LoadedAda
     config = read_adapter_config(folder, METHOD)
     check_base_model(config, "sd_fingerprint", sd.model_dir, "SD_MODEL_DIR")
     check_base_model(config, "convnext_fingerprint", convnext.name_or_path, "CONVNEXT_MODEL_DIR")
+    ablated = config.get("ablate", [])
     try:
-        tokens = load_file(folder / TOKENS_FILE)[config["tokens"][0]]
-        scm = SpatialConditioning(tokens, convnext, sd.unet.config.cross_attention_dim)
-        scm.load_state_dict({**load_file(folder / SCM_FILE), "tokens": tokens})
-        gated = GatedBlocks(sd.unet, sd.unet.config.cross_attention_dim)
-        if gated.blocks != config["blocks"]:
-            raise ValueError("the UNet's transformer blocks are not those the adapter was trained on")
-        gated.load(folder)
+        grounding = gated = None
+        if "gsm" not in ablated:
+            tokens = load_file(folder / TOKENS_FILE)[config["tokens"][0]]
+            grounding, gated = _new_grounding(sd, convnext, tokens, ablated)
+            grounding.load_state_dict({**load_file(folder / SCM_FILE), "tokens": tokens})
+            if gated.blocks != config["blocks"]:
+                raise ValueError("the UNet's transformer blocks are not those the adapter was trained on")
+            gated.load(folder)
+            grounding.eval()
+            gated.eval()
+        lora = (None, None) if "lora" in ablated else load_lora(folder)
         vectors = load_file(folder / MASK_EMBEDDINGS_FILE)[config["mask_tokens"][0]].float()
     except (KeyError, ValueError, RuntimeError, FileNotFoundError) as error:
         raise InputError(f"the adapter does not fit these models: {error}") from None
-    return LoadedAdapter(scm.to(sd.device).eval(), gated.to(sd.device).eval(), *load_lora(folder),
-                         LearnedEmbedding(list(config["mask_tokens"]), vectors), config)
+    return LoadedAdapter(grounding, gated, *lora, LearnedEmbedding(list(config["mask_tokens"]), vectors), config)
 
 
 def generate(
@@ -288,7 +374,8 @@ def generate(
     background: str = "normal",
     on_progress: ProgressCallback | None = None,
 ) -> list[GenerateResult]:
-    """One image per (normal image, target mask, seed) item, in order, with `defect` in its mask.
+    """One image per (normal image, target mask, seed) item, in order, with `defect` in its mask;
+    each result's details name the components it ran without (`params.ablate` and the adapter's).
 
     background: "normal" (the normal image outside the mask, exactly) or "generated" (the
     paper's whole generated image; no labelled pair). on_progress("generate", steps done, steps
@@ -301,21 +388,30 @@ def generate(
         check_mode(item.normal)
         check_mask(item.target_mask, item.normal)
     label = adapter.defect_index(defect)
+    ablated = ablated_components(params, adapter.config)
+    grounding = None if "gsm" in ablated else adapter.grounding
+    lora_weights = None if "lora" in ablated else adapter.lora_weights
     resolution, latent_size = params.resolution, params.resolution // sd.vae_scale_factor
 
-    # 1. Semantic maps -> the SCM's stage features (the fusion runs inside the UNet, as position_net).
-    maps = torch.stack([semantic_map(foreground_mask(item.normal) | item.target_mask, item.target_mask, label,
-                                     resolution) for item in items]).to(sd.device)
+    # 1. Semantic maps -> the grounding's inputs (the SCM's stage features; the fusion runs inside
+    #    the UNet, as position_net).
+    grounded, grounding_tokens = None, 0
     with torch.no_grad():
-        features = adapter.scm.stage_features(maps)
+        if grounding is not None:
+            maps = torch.stack([semantic_map(foreground_mask(item.normal) | item.target_mask, item.target_mask,
+                                             label, resolution) for item in items]).to(sd.device)
+            inputs = grounding.grounding_inputs(maps)
+            grounded, grounding_tokens = {"gligen": inputs}, grounding.token_count(inputs)
         text, empty = encode_prompts(sd, [PROMPT.format(product=adapter.product, defect=defect), ""]).chunk(2)
     count = len(items)
 
     # 2. NDI: the normal latents noised to `strength`, and the schedule's remaining timesteps
-    #    (diffusers' img2img count: int(steps * strength) of them).
+    #    (diffusers' img2img count: int(steps * strength) of them); ablated, pure noise and the
+    #    full schedule.
     scheduler = fresh_scheduler(sd)
     scheduler.set_timesteps(params.num_inference_steps)
-    steps = int(params.num_inference_steps * params.strength)
+    ndi = "ndi" not in ablated
+    steps = int(params.num_inference_steps * params.strength) if ndi else params.num_inference_steps
     scheduler.timesteps = scheduler.timesteps[len(scheduler.timesteps) - steps:]
     normal_latents = encode(sd, torch.stack([image_to_pixels(item.normal, resolution) for item in items]))
     noise_shape = (steps + 1, *normal_latents.shape[1:])
@@ -323,7 +419,12 @@ def generate(
                          for item in items]).to(sd.device)
     masks = torch.stack([mask_to_latent(item.target_mask, latent_size) for item in items]).to(sd.device)
     region = F.max_pool2d(masks, 3, stride=1, padding=1)  # the mask dilated by one latent cell
-    start = noised(scheduler, normal_latents, noise[:, 0], int(scheduler.timesteps[0])) if steps else normal_latents
+    if not ndi:
+        start = noise[:, 0]  # DDIM's initial noise sigma is 1
+    elif steps:
+        start = noised(scheduler, normal_latents, noise[:, 0], int(scheduler.timesteps[0]))
+    else:
+        start = normal_latents
 
     def keep_normal_outside(i: int, t: int, latents: torch.Tensor) -> torch.Tensor:
         return noised(scheduler, normal_latents, noise[:, i + 1], t) * (1 - region) + latents * region
@@ -333,12 +434,13 @@ def generate(
     #    fusers' attention for the visual queries only (gsm.attached_for_sampling).
     report = step_reporter(on_progress, 0, steps)
     autocast = torch.autocast(sd.device.type, dtype=torch.float16, enabled=sd.dtype == torch.float16)
-    with attached_for_sampling(sd.unet, adapter.gated, adapter.scm.fusion, adapter.lora, adapter.lora_weights,
-                               grounding_tokens=features[-1].shape[-2] * features[-1].shape[-1]), autocast:
+    gated, position_net = (adapter.gated, grounding.position_net) if grounding is not None else (None, None)
+    with attached_for_sampling(sd.unet, gated, position_net, adapter.lora, lora_weights,
+                               grounding_tokens=grounding_tokens), autocast:
         latents = ddim_sample(
             sd, scheduler, start, text.expand(count, -1, -1), empty.expand(count, -1, -1), params.guidance_scale,
             before_step=keep_normal_outside if background == "normal" else None, on_step=report,
-            cross_attention_kwargs={"gligen": {"stage_features": features}},
+            cross_attention_kwargs=grounded,
         )
     if background == "normal":
         latents = normal_latents * (1 - region) + latents * region
@@ -351,7 +453,7 @@ def generate(
         else:
             image = Image.fromarray(pixels_to_array(pixels, item.normal.size, item.normal.mode))
         mask = (np.asarray(item.target_mask) > 0).astype(np.uint8) * 255
-        results.append(GenerateResult(image, mask, item.seed))
+        results.append(GenerateResult(image, mask, item.seed, details={"ablated": ablated}))
     return results
 
 
@@ -402,10 +504,13 @@ def _stage_checkpoints(checkpoints: Checkpoints | None, stage: str) -> Checkpoin
     return Checkpoints(checkpoints.folder / stage, checkpoints.every, checkpoints.saved)
 
 
-def _check_training_set(exemplars: Sequence[Exemplar], normals: Sequence[Image.Image], params) -> None:
+def _check_training_set(exemplars: Sequence[Exemplar], normals: Sequence[Image.Image], normal_fraction: float,
+                        ablated: Sequence[str]) -> None:
+    if {"gsm", "lora"} <= set(ablated):
+        raise InputError("ablate: without both the gsm and the lora a GroundingAnomaly fine-tune has nothing to train")
     if not exemplars:
         raise InputError("GroundingAnomaly needs at least one anomaly exemplar")
-    if params.normal_fraction > 0 and not normals:
+    if normal_fraction > 0 and not normals:
         raise InputError("GroundingAnomaly fine-tunes on normal images too (MNT): list some in `normals`, "
                          "or set normal_fraction to 0")
     for number, exemplar in enumerate(exemplars):
