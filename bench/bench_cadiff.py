@@ -54,7 +54,7 @@ def compare_with_anogen(sd: StableDiffusion, resolution: int, steps: int, guidan
                           intensity=(1.5, 1.5), alpha_threshold=0.0)
     tokens = [cadiff.CONTEXT_TOKEN, cadiff.ANOMALY_TOKEN.format(0)]
     embedding = LearnedEmbedding(tokens, torch.cat([initial_vectors(sd, "tile", 1), initial_vectors(sd, "anomaly", 1)]))
-    control = SpatialControl.from_unet(sd.unet).to(sd.dtype).eval().requires_grad_(False)
+    control = SpatialControl.from_unet(sd.unet, sd.vae_scale_factor).to(sd.dtype).eval().requires_grad_(False)
     millions = sum(p.numel() for p in control.controlnet.parameters()) / 1e6
     saim_millions = sum(p.numel() for p in control.saim.parameters()) / 1e6
     print(f"ControlNet {millions:.1f}M parameters, SAIM {saim_millions:.1f}M in {len(control.saim)} modules")

@@ -49,6 +49,10 @@ def test_finetune_on_two_defect_types_then_generate_each(acme):
     job = wait_for_job(acme, response.json()["id"], timeout=120)
     assert job["status"] == "succeeded", job
     assert job["defects"] == ["crack", "pit"] and job["result"]["defects"] == ["crack", "pit"]
+    assert job["result"]["ablated"] == [] and job["result"]["train_steps"] == 4
+    diagnostics = job["result"]["diagnostics"]
+    assert set(diagnostics["losses"]) == {"total", "caldm", "loc_unweighted", "contrastive_unweighted"}
+    assert diagnostics["control_to_skip_norm"]["mean"] > 0 and diagnostics["token_shift"]["mean"] > 0
     keys = {a["key"] for a in acme.get(f"/v1/jobs/{job['id']}/artifacts").json()["items"]}
     adapter = f"adapters/{job['id']}/"
     assert {adapter + name for name in ("learned_embeds.safetensors", "saim.safetensors", "adapter_config.json",

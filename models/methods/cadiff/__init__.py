@@ -8,10 +8,35 @@ the ControlNet + SAIM, `losses.py`, the training losses and augmentation, and `i
 re-weighting), the job interface in `method.py`.
 """
 
+import math
+
 from pydantic import Field, model_validator
 
-from models.methods.params import FadeRing, FinetuneParams, NormalBackground, check_ordered
-from models.methods.spec import MethodSpec
+from models.methods.params import (
+    FadeRing,
+    FinetuneParams,
+    NormalBackground,
+    ablation_field,
+    check_ordered,
+    check_unique,
+)
+from models.methods.spec import Component, MethodSpec
+
+# The paper's ablation rows (w/o CTP, w/o SSC, w/o SAIM, w/o IAR, w/o L_loc, w/o L_contrastive).
+COMPONENTS = (
+    Component("ctp_tokens", "the learnt context and anomaly tokens (CTP); ablated, the prompt's tokens keep their "
+              "initializer embeddings (the product's name; initializer_token for every defect type)", "generate"),
+    Component("controlnet", "the ControlNet on the mask (SSC's spatial control, SAIM included); ablated, the plain "
+              "UNet with the prompt alone, the mask only bounding where the generated region is kept", "generate"),
+    Component("saim", "SAIM's interaction of each ControlNet residual with the UNet's skip feature (cross-attention "
+              "and MLP); ablated, the residuals are added to the skips as plain ControlNet adds them", "generate"),
+    Component("iar", "intensity-controlled attention re-weighting inside the mask (masked focus attention with the "
+              "delayed focus scheduler); ablated, plain attention and no intensity", "generate"),
+    Component("loc_loss", "L_loc, the tokens' cross-attention maps pulled onto their masks", "finetune"),
+    Component("contrastive_loss", "L_contrastive, NT-Xent over the tokens' attention-pooled features", "finetune"),
+)
+PAPER_EPOCHS = 1000  # the paper trains 1000 epochs (at batch 16)
+MAX_DEFAULT_TRAIN_STEPS = 10_000  # the default's cap (reached at 40 images at batch 4): no default run of days
 
 
 class CADiffParams(FinetuneParams):
@@ -19,8 +44,12 @@ class CADiffParams(FinetuneParams):
 
     guidance_scale: float = Field(default=7.5, ge=1.0, le=30.0,
                                   description="generate: classifier-free guidance (not in the paper)")
-    train_steps: int = Field(default=2000, ge=1, le=100_000,
-                             description="fine-tune: AdamW steps (the paper: 1000 epochs at batch 16)")
+    train_steps: int | None = Field(
+        default=None, ge=1, le=100_000,
+        description=f"fine-tune: AdamW steps; default: the paper's {PAPER_EPOCHS} epochs over the exemplars and "
+        f"normal images at batch_size, ceil({PAPER_EPOCHS} * images / batch_size), capped at "
+        f"{MAX_DEFAULT_TRAIN_STEPS}",
+    )
     learning_rate: float = Field(default=1e-5, gt=0, le=1.0,
                                  description="fine-tune: constant AdamW learning rate of ControlNet and SAIM "
                                  "(the paper's 1e-5)")
@@ -55,9 +84,11 @@ class CADiffParams(FinetuneParams):
     )
     background: NormalBackground = "normal"
     mask_dilation: FadeRing = 3
+    ablate: ablation_field([component.name for component in COMPONENTS])
 
     @model_validator(mode="after")
     def _check(self):
+        check_unique(self.ablate, "ablate")
         check_ordered(self.crop, "crop")
         check_ordered(self.intensity, "intensity")
         if not (0 < self.crop[0] and self.crop[1] <= 1):
@@ -65,6 +96,14 @@ class CADiffParams(FinetuneParams):
         if not (0 <= self.intensity[0] and self.intensity[1] <= 10):
             raise ValueError("intensity must lie in [0, 10]")
         return self
+
+    def for_training_set(self, exemplars: int, normals: int) -> "CADiffParams":
+        """`train_steps`, if not given: the paper's epochs over every training image (the normals
+        are trained on too), capped."""
+        if self.train_steps is not None:
+            return self
+        steps = math.ceil(PAPER_EPOCHS * (exemplars + normals) / self.batch_size)
+        return self.model_copy(update={"train_steps": min(steps, MAX_DEFAULT_TRAIN_STEPS)})
 
 
 SPEC = MethodSpec(
@@ -80,4 +119,5 @@ SPEC = MethodSpec(
     implementation="models.methods.cadiff.method",
     weights=("SD_MODEL_DIR",),
     finetune_learns_defect_types=True,
+    components=COMPONENTS,
 )

@@ -2,15 +2,18 @@
 UNet's skip features by SAIM.
 
 Plain ControlNet adds each residual y_c to the matching UNet feature y. SAIM (paper Eq. 9-10)
-fuses them instead:
+lets them interact:
 
     y_a = CrossAttn(RMSNorm(y), RMSNorm(y_c))        queries from the UNet's feature, keys/values the ControlNet's
-    y_f = y + MLP([y_a ; y_c])
+    y_f = y + y_c + MLP([y_a ; y_c])
 
-Eq. 10 concatenates before a projection; our reading concatenates y_a with y_c (so the plain
-ControlNet signal stays available) and projects back with a two-layer MLP whose last layer starts
-at zero. With it (and the ControlNet's zero convolutions) the UNet's output at step 0 is exactly
-the frozen model's.
+Eq. 10 concatenates before a projection; our reading concatenates y_a with y_c and projects with
+a two-layer MLP whose last layer starts at zero, added to the plain ControlNet sum y + y_c. With
+it and the ControlNet's zero convolutions the UNet's output at step 0 is exactly the frozen
+model's, and the zero convolutions get a first-order gradient from step 0 through the y_c term
+(were y_c reached only through the zero-initialised MLP, the ControlNet would get no gradient
+until the MLP had moved, and then one scaled by it). Without SAIM (the "saim" ablation) y_f =
+y + y_c, plain ControlNet.
 
 Where the fusion happens: the UNet adds ControlNet residuals to its skip features after the down
 blocks and to the mid block's output; the skip features are consumed by the up blocks. So SAIM
@@ -19,9 +22,14 @@ a forward hook of the mid block, and the ControlNet itself runs in a forward pre
 on the UNet's own inputs. Every caller of the UNet (DDIM sampling, the training loss) then gets
 the controlled UNet unchanged; the hooks live inside `adapters.restored_after(unet)`, so the
 shared UNet is exactly as before once the block ends.
+
+The mask enters at pixel size: the ControlNet's conditioning embedding has one stride-2 stage
+per halving of the VAE (3 for SD's 8x, diffusers' default widths), so it lands at latent size
+whatever the VAE's scale.
 """
 
 import inspect
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +44,7 @@ from models.diffusion.adapters import restored_after
 CONTROLNET_FOLDER = "controlnet"
 SAIM_FILE = "saim.safetensors"
 SAIM_HEAD_DIM = 64  # SD's attention head width; narrower features get one head
+EMBEDDING_CHANNELS = (16, 32, 96, 256)  # diffusers' conditioning embedding: 3 halvings, for SD's 8x VAE
 
 
 class SAIM(torch.nn.Module):
@@ -57,11 +66,12 @@ class SAIM(torch.nn.Module):
     def forward(self, feature: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
         """y_f for a UNet feature y and a ControlNet residual y_c, both (B, C, h, w)."""
         batch, channels, height, width = feature.shape
+        control = control.to(feature.dtype)
         y = feature.flatten(2).transpose(1, 2)  # (B, hw, C) tokens
-        y_c = control.to(feature.dtype).flatten(2).transpose(1, 2)
+        y_c = control.flatten(2).transpose(1, 2)
         y_a = self.attention(self.norm_feature(y), encoder_hidden_states=self.norm_control(y_c))
-        fused = self.mlp(torch.cat([y_a, y_c], dim=-1))
-        return feature + fused.transpose(1, 2).reshape(batch, channels, height, width)
+        interaction = self.mlp(torch.cat([y_a, y_c], dim=-1))
+        return feature + control + interaction.transpose(1, 2).reshape(batch, channels, height, width)
 
 
 class SpatialControl(torch.nn.Module):
@@ -74,14 +84,21 @@ class SpatialControl(torch.nn.Module):
         channels.append(controlnet.controlnet_mid_block.out_channels)
         self.saim = torch.nn.ModuleList(SAIM(c) for c in channels)
         self.condition: torch.Tensor | None = None  # (B, 1, H, W) masks in {0, 1}, set by the caller
+        # While a list: every fusion appends ||y_f - y|| / ||y|| (the fine-tune's diagnostics).
+        self.contributions: list[torch.Tensor] | None = None
+        self._use_saim = True
         self._residuals: list[torch.Tensor] = []
         self._embedded: tuple[torch.Tensor, torch.Tensor] | None = None  # (condition, its embedding)
 
     @classmethod
-    def from_unet(cls, unet: UNet2DConditionModel) -> "SpatialControl":
-        """A ControlNet initialised from the UNet (one conditioning channel: the mask), fp32 for training."""
-        controlnet = ControlNetModel.from_unet(unet, conditioning_channels=1).to(unet.device)  # fp32, as built
-        return cls(controlnet).to(unet.device)
+    def from_unet(cls, unet: UNet2DConditionModel, vae_scale_factor: int) -> "SpatialControl":
+        """A ControlNet initialised from the UNet (one conditioning channel: the mask, at pixel size,
+        `vae_scale_factor` times the latent's side), fp32 for training."""
+        halvings = int(math.log2(vae_scale_factor))
+        embedding = (*EMBEDDING_CHANNELS[:halvings], EMBEDDING_CHANNELS[-1])
+        controlnet = ControlNetModel.from_unet(unet, conditioning_channels=1,
+                                               conditioning_embedding_out_channels=embedding)
+        return cls(controlnet.to(unet.device)).to(unet.device)  # fp32, as built
 
     def save(self, folder: Path) -> None:
         """`controlnet/` (loadable with `ControlNetModel.from_pretrained`) and `saim.safetensors`."""
@@ -98,15 +115,17 @@ class SpatialControl(torch.nn.Module):
         return control.eval().requires_grad_(False)
 
     @contextmanager
-    def attached(self, unet: UNet2DConditionModel, *, sampling: bool = False) -> Iterator[None]:
+    def attached(self, unet: UNet2DConditionModel, *, sampling: bool = False, saim: bool = True) -> Iterator[None]:
         """Inside the block, every call of `unet` is controlled by `self.condition` (set a new tensor
         to change it).
 
+        saim: False adds the residuals as plain ControlNet does (the "saim" ablation).
         sampling: the ControlNet's conditioning embedding depends on the mask alone, not on the step,
         so a sampling run computes it once per condition and hands it to the ControlNet through an
         identity in the embedding's place (a third of the ControlNet's cost at 256 px).
         """
         forward_parameters = inspect.signature(unet.forward)
+        self._use_saim = saim
         with restored_after(unet, self.controlnet):
             embedding = None
             if sampling:
@@ -146,13 +165,21 @@ class SpatialControl(torch.nn.Module):
         )
         self._residuals = [*down, mid]
 
+    def _fuse(self, index: int, feature: torch.Tensor) -> torch.Tensor:
+        """y_f of the UNet feature that ControlNet residual `index` goes to."""
+        control = self._residuals[index]
+        fused = self.saim[index](feature, control) if self._use_saim else feature + control.to(feature.dtype)
+        if self.contributions is not None:
+            self.contributions.append(((fused - feature).float().norm() / feature.float().norm()).detach())
+        return fused
+
     def _fuse_mid(self, _block, _args, output: torch.Tensor) -> torch.Tensor:
-        return self.saim[-1](output, self._residuals[-1])
+        return self._fuse(len(self.saim) - 1, output)
 
     def _fuse_skips(self, first: int):
         def hook(_block, args, kwargs):
             skips = kwargs["res_hidden_states_tuple"]
-            fused = tuple(self.saim[first + i](skip, self._residuals[first + i]) for i, skip in enumerate(skips))
+            fused = tuple(self._fuse(first + i, skip) for i, skip in enumerate(skips))
             return args, {**kwargs, "res_hidden_states_tuple": fused}
 
         return hook

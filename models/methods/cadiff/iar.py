@@ -5,23 +5,39 @@ column of the cross-attention probabilities is multiplied by w for the queries i
 only (masked focus attention, MFA), in every cross-attention layer (the mask max-pooled to the
 layer's size), without renormalising the row (prompt-to-prompt's re-weighting). It starts only
 once the token has found the mask (delayed focus scheduler, DFS): after each UNet call, the focus
-alpha_t = n_t / n_mask is measured on the layers SD runs at 16x16 (a quarter of the latent side),
-n_t being the mask cells whose head- and layer-averaged attention to the token is above that map's
-mean; from the step after the first one whose alpha_t exceeds the threshold, that pair is
-re-weighted (the step's own attention has already been computed when alpha_t is known).
+alpha_t = n_t / n_mask is measured on the focus layers (`focus_layers`: SD's 16x16 ones, a quarter
+of the latent side, or the cross-attention scale nearest it in another UNet), n_t being the mask
+cells whose head- and layer-averaged attention to the token is above that map's mean; from the
+step after the first one whose alpha_t exceeds the threshold, that pair is re-weighted
+(the step's own attention has already been computed when alpha_t is known).
 
 Exactness: outputs are SDPA's, the loader's own kernel, wherever nothing is re-weighted (the
 measurement computes the probabilities beside them), so w = 1 or a threshold never reached gives
 exactly the plain sampling, and w != 1 changes only the mask's rows of a re-weighted pair.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
-from models.diffusion.attention import UNetAttention
+from models.diffusion.attention import AttentionLayer, UNetAttention, select_layers
+from models.errors import InputError
 
 FOCUS_DOWNSAMPLE = 4  # SD's 16x16 layers at a 64x64 latent
+
+
+def focus_layers(unet: UNet2DConditionModel) -> list[AttentionLayer]:
+    """The cross-attention layers at the scale nearest FOCUS_DOWNSAMPLE (the finer of two as near),
+    where IAR measures its focus and L_contrastive pools its features."""
+    cross = select_layers(unet, kind="cross")
+    if not cross:
+        raise InputError("CADiff needs a UNet with cross-attention layers: its tokens act through them")
+    nearest = min(cross, key=lambda layer: (abs(math.log2(layer.downsample / FOCUS_DOWNSAMPLE)),
+                                            layer.downsample)).downsample
+    return [layer for layer in cross if layer.downsample == nearest]
 
 
 class FocusSchedule:

@@ -13,7 +13,7 @@ its defect's mask; the context token: the product outside the anomaly masks). Th
 
 L_contrastive: NT-Xent over per-image token features. A token vector does not depend on the
 image, so each token's feature is its attention-pooled hidden state, sum_p A[p] h[p] / sum_p A[p],
-at the layers SD runs at 16x16, concatenated over those layers. Positives: the same concept (the
+at the focus layers (iar.focus_layers: SD's 16x16 ones), concatenated. Positives: the same concept (the
 context token, or the same defect's token) in other samples of the batch, each a separately
 augmented view; negatives: every other feature. Temperature: a parameter.
 
