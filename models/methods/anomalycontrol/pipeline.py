@@ -22,6 +22,11 @@ image's, noised to that step. Decoded, the generated region fades into the norma
 pixels across a ring of `mask_dilation` pixels on the mask's border, at most 3 of them outside it
 (the label contract's band): beyond it every pixel is exact. The mask written is the target mask.
 
+Ablations (`params.ablate`, the paper's rows): "asea", C' straight from the Q-Former without the
+guidance steps; "sga", the plain SD UNet with T_t alone. Named on a fine-tune, the adapter records
+them (`ablate` in its config; with SGA ablated nothing is trained) and every generate job on it runs
+without them as well.
+
 Choices where the paper is silent, or where a service needs more:
 - Fine-tune computes each exemplar's C' once (the VLM is frozen and e_g is per reference), without
   flips or crops: C' describes the image as the UNet sees it. The loss is unmasked: SGA must learn
@@ -154,7 +159,8 @@ def finetune(
     semantics = [reference_features(blip2, e, params, ablated=ablated) for e in exemplars]
     features = torch.stack([s.features for s in semantics]).to(sd.device)
 
-    # 4. SGA on the UNet (W'_k, W'_v from each layer's own), trained with the LDM loss and CFG dropout.
+    # 4. SGA on the UNet (W'_k, W'_v from each layer's own), trained with the LDM loss and CFG dropout
+    #    (with SGA ablated nothing is: the plain SD UNet is that row).
     gamma = DEFAULT_GAMMA if params.gamma is None else params.gamma
     adapter = SemanticGuidedAdapter.from_unet(sd.unet, blip2.width, blip2.num_queries, gamma)
     scheduler = fresh_scheduler(sd)  # its noise schedule noises the training latents
@@ -172,15 +178,18 @@ def finetune(
                       encoder_hidden_states=adapter.condition(text, reference, sd.dtype)).sample
         return F.mse_loss(eps.float(), noise)
 
-    run = {"method": METHOD, "params": params.model_dump(mode="json"), "latents_shape": list(latents.shape),
-           "exemplars": [[e.product, e.defect] for e in exemplars]}
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay)
-    start = [parameter.detach().clone() for parameter in adapter.parameters()]
+    # The diagnostics: ASEA's energies; the LDM loss, SGA's branch share on a fixed batch of the
+    # exemplars before and after training, and how far W' moved (SGA ablated: nothing is trained).
     diagnostics = {"asea_energy": [float(np.mean([s.energies[0] for s in semantics])),
                                    float(np.mean([s.energies[-1] for s in semantics]))]}
     if "sga" in ablated:
         diagnostics.update(sga_branch_share=[0.0, 0.0], sga_weight_change=0.0)
     else:
+        run = {"method": METHOD, "params": params.model_dump(mode="json"), "latents_shape": list(latents.shape),
+               "exemplars": [[e.product, e.defect] for e in exemplars]}
+        optimizer = torch.optim.AdamW(adapter.parameters(), lr=params.learning_rate,
+                                      weight_decay=params.weight_decay)
+        initial = [parameter.detach().clone() for parameter in adapter.parameters()]
         share_batch = _share_batch(latents[:params.batch_size], prompts, features, scheduler, seed)
         with adapter.attached(sd.unet):
             share_at_start = _branch_share(sd, adapter, share_batch)
@@ -190,9 +199,9 @@ def finetune(
                 on_step=(lambda done, total: on_progress("train", done, total)) if on_progress else None,
             )
             share_at_end = _branch_share(sd, adapter, share_batch)
-        change = torch.stack([(p.detach() - p0).norm() for p, p0 in zip(adapter.parameters(), start)]).norm()
+        moved = torch.stack([(p.detach() - p0).norm() for p, p0 in zip(adapter.parameters(), initial)]).norm()
         diagnostics.update(loss_ldm=losses.get("total"), sga_branch_share=[share_at_start, share_at_end],
-                           sga_weight_change=float(change / torch.stack([p0.norm() for p0 in start]).norm()))
+                           sga_weight_change=float(moved / torch.stack([p0.norm() for p0 in initial]).norm()))
 
     # 5. The adapter: sga.safetensors + adapter_config.json.
     out_dir = Path(out_dir)
@@ -219,8 +228,10 @@ def _share_batch(latents: torch.Tensor, prompts: torch.Tensor, features: torch.T
 
 
 def _branch_share(sd: StableDiffusion, adapter: SemanticGuidedAdapter, batch) -> float:
+    """SGA's branch share on `batch`, under the fp16 autocast training uses (the adapter is fp32 there)."""
     noisy, t, prompts, features = batch
-    return adapter.branch_share(sd.unet, noisy.to(sd.dtype), t, adapter.condition(prompts, features, sd.dtype))
+    with torch.autocast(sd.device.type, dtype=torch.float16, enabled=sd.dtype == torch.float16):
+        return adapter.branch_share(sd.unet, noisy.to(sd.dtype), t, adapter.condition(prompts, features, sd.dtype))
 
 
 @dataclass

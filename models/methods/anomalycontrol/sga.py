@@ -5,7 +5,9 @@
 diffusers' `IPAdapterAttnProcessor2_0` computes exactly this (its `scale` is gamma, its
 `to_k_ip` / `to_v_ip` are W'_k / W'_v), so each layer gets one, with W'_k and W'_v initialised
 from the layer's own W_k and W_v (IP-Adapter's initialisation: at the start C' is read like text).
-They are all that is trained.
+They are all that is trained. Nothing starts at zero, so the loss's gradient reaches every W' from
+the first step, and the branch carries about half of each layer's output from the start
+(`branch_share`: 0.55 on the tiny test models), which lets AdamW's 1e-4 steps shape what it adds.
 
 The conditioning travels through the UNet as one tensor, the text tokens followed by the C'
 tokens, so that classifier-free guidance batching and the shared DDIM loop treat it like any
@@ -62,7 +64,7 @@ class SGAProcessor(IPAdapterAttnProcessor2_0):
             self.scale = gamma
             hook.remove()
         text, both = summed
-        self.branch_norms.append((float(text.norm()), float((both - text).norm())))
+        self.branch_norms.append((float(text.float().norm()), float((both - text).float().norm())))
         return output
 
 
