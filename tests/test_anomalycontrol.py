@@ -390,6 +390,7 @@ def test_a_fine_tune_without_a_component_records_it_and_its_generate_jobs_drop_i
     (plain_unet,) = pipeline.generate(tiny_sd, blip2, tmp_path / "plain", reference, items,
                                       PARAMS.model_copy(update={"gamma": 0.0}))
     assert np.array_equal(np.asarray(dropped.image), np.asarray(plain_unet.image))
+    assert label_contract_violation(items[0][0], dropped.pair(0)) is None
 
 
 def test_an_adapter_of_other_checkpoints_or_methods_is_refused(tiny_sd, blip2, adapter_dir, tmp_path):
