@@ -68,12 +68,14 @@ def thin_multi_part_mask(height: int, width: int) -> np.ndarray:
     return mask
 
 
-def generated_pairs(name, mode, precision, masks, weight_dirs, tmp_path, reference_mask=None, given_masks=()):
+def generated_pairs(name, mode, precision, masks, weight_dirs, tmp_path, reference_mask=None, given_masks=(),
+                    ablate=()):
     """The pairs `name` makes through its interface on two small normal images (a fine-tune first
     where the method needs one), with the normal image of each. The reference's mask is a box
-    unless `reference_mask` is given."""
+    unless `reference_mask` is given. `ablate`: components to run without, named on the fine-tune
+    where the method has one (as a user would), else on the generate job."""
     spec = METHODS[name]
-    params = spec.params.model_validate(TINY_PARAMS[name])
+    params = spec.params.model_validate({**TINY_PARAMS[name], **({"ablate": list(ablate)} if ablate else {})})
     if reference_mask is None:
         reference_mask = box_mask(56, 72, (20, 16, 44, 40))
     reference = Exemplar("ref", textured_image(56, 72, mode, seed=1), reference_mask, "p", "d")
@@ -85,6 +87,7 @@ def generated_pairs(name, mode, precision, masks, weight_dirs, tmp_path, referen
             params, [reference], NormalImages.in_memory(normals), seed=0, adapter_dir=adapter,
             checkpoints=Checkpoints(tmp_path / "checkpoints"), weight_dirs=weight_dirs, device="cpu",
         ), lambda *_: None)
+        params = params.model_copy(update={"ablate": []})  # the adapter carries the fine-tune's
     request = GenerateRequest(
         params=params, masks=masks, exemplars=[reference], given_masks=list(given_masks),
         normals=NormalImages.in_memory(normals), items=job_items(3, 0, 2, 1), adapter_dir=adapter,
@@ -105,6 +108,16 @@ def test_every_method_keeps_the_label_contract(name, mode, precision, weight_dir
     for normal, pair in generated_pairs(name, mode, precision, masks, weight_dirs, tmp_path):
         assert label_contract_violation(normal, pair) is None
         assert pair.mask_u8.any()
+
+
+@pytest.mark.parametrize("name, component", [(name, component.name) for name in DIFFUSION_METHODS
+                                             for component in METHODS[name].components])
+def test_every_ablation_keeps_the_label_contract_and_every_pair_records_it(name, component, weight_dirs, tmp_path):
+    masks = MaskSpec(source=METHODS[name].default_mask_source)
+    for normal, pair in generated_pairs(name, "RGB", "fp32", masks, weight_dirs, tmp_path, ablate=[component]):
+        assert label_contract_violation(normal, pair) is None
+        assert pair.mask_u8.any()
+        assert pair.details["ablated"] == [component]
 
 
 @pytest.mark.parametrize("name", sorted(TINY_PARAMS))
