@@ -246,16 +246,17 @@ def test_the_default_schedule_moves_the_embedding_and_lowers_its_loss(tiny_sd, e
     initializer's norm at 10 steps, 2.8 at 50, 4.5 at 300 (the loss 0.1656, 0.1647, 0.1647 against
     the initializer's 0.1659). The floor, half the initializer's norm, is reached in 10."""
     params = AnoGenParams(resolution=64, train_steps=10)
-    diagnostics = anogen.finetune(tiny_sd, exemplars, params, seed=3, out_dir=tmp_path).diagnostics
+    learnt, diagnostics = anogen.finetune(tiny_sd, exemplars, params, seed=3, out_dir=tmp_path)
     assert diagnostics["relative_distance"] > 0.5
     assert diagnostics["loss"] < diagnostics["initializer_loss"]
     initializer = initial_vectors(tiny_sd, "defect", 1)
+    assert diagnostics["embedding_distance"] == pytest.approx(float((learnt.vectors - initializer).norm()))
     assert diagnostics["relative_distance"] == pytest.approx(diagnostics["embedding_distance"] / initializer.norm())
 
 
-def test_generation_follows_the_embedding_and_ablated_uses_the_initializers_own(tiny_sd, adapter, items):
-    """Another vector changes the box (and nothing outside it); with "embedding" ablated the vector
-    given is ignored: the output is the initializer word's."""
+def test_generation_follows_the_embedding_and_ablated_uses_the_initializers_own(tiny_sd, adapter, items, tmp_path):
+    """Another vector changes the box (and nothing outside it); with "embedding" ablated, by the job
+    or by the adapter's config, the vector given is ignored: the output is the initializer word's."""
     _, learnt = adapter
     noise = torch.randn(learnt.vectors.shape, generator=torch.Generator().manual_seed(0))
     other = LearnedEmbedding(learnt.tokens, learnt.vectors + noise * learnt.vectors.norm())
@@ -269,6 +270,8 @@ def test_generation_follows_the_embedding_and_ablated_uses_the_initializers_own(
     ablated = [arrays(anogen.generate(tiny_sd, embedding, items, no_embedding)) for embedding in (learnt, other)]
     expected = arrays(anogen.generate(tiny_sd, initializer, items, PARAMS))
     assert all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(*ablated, expected))
+    learnt.save(tmp_path, {"method": "anogen", "params": PARAMS.model_dump(), "ablate": ["embedding"]})
+    assert np.array_equal(arrays(anogen.generate(tiny_sd, tmp_path, items[:1], PARAMS))[0], expected[0])
 
 
 def test_a_fine_tune_without_the_embedding_trains_nothing_and_its_adapter_carries_that(
