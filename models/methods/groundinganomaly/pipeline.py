@@ -274,8 +274,7 @@ def finetune(
             trainables = {**({"scm": grounding, "gsm": gated} if gated is not None else {}),
                           **{f"lora.{i}": p for i, p in enumerate(lora_parameters)}}
             new = [*grounding.new_parameters(), *gated.parameters()] if gated is not None else []
-            pretrained = [p for p in (grounding.parameters() if grounding is not None else ())
-                          if all(p is not q for q in new)]  # ConvNeXt
+            pretrained = grounding.pretrained_parameters() if grounding is not None else []
             groups = [{"params": [*lora_parameters, *pretrained], "lr": params.learning_rate},
                       {"params": new, "lr": params.grounding_learning_rate}]
             optimizer = torch.optim.AdamW([group for group in groups if group["params"]])

@@ -113,8 +113,12 @@ class SpatialConditioning(torch.nn.Module):
         return self.fusion
 
     def new_parameters(self) -> list[torch.nn.Parameter]:
-        """What the fine-tune adds (trained at the grounding rate); ConvNeXt is pretrained."""
+        """What the fine-tune adds (trained at the grounding rate)."""
         return [self.tokens, *self.stem.parameters(), *self.fusion.parameters()]
+
+    def pretrained_parameters(self) -> list[torch.nn.Parameter]:
+        """What it fine-tunes (at the LoRA's rate): ConvNeXt."""
+        return list(self.convnext.parameters())
 
     def grounding_inputs(self, labels: torch.Tensor) -> dict:
         """The UNet's `cross_attention_kwargs["gligen"]` for (B, H, W) label maps."""
@@ -153,6 +157,9 @@ class BoxGrounding(torch.nn.Module):
 
     def new_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.parameters())
+
+    def pretrained_parameters(self) -> list[torch.nn.Parameter]:
+        return []
 
     def grounding_inputs(self, labels: torch.Tensor) -> dict:
         product, defect = labels != BACKGROUND, labels >= FIRST_DEFECT
