@@ -121,3 +121,13 @@ def test_generate_needs_a_finished_adapter_of_the_same_method(acme):
     assert response.status_code == 422 and response.json()["error"]["code"] == "unsupported_mask_source"
     acme.delete(f"/v1/jobs/{finetune_id}")
     assert wait_for_job(acme, finetune_id, timeout=20)["status"] == "cancelled"
+
+
+def test_the_masked_loss_is_a_fine_tune_component_whichever_knob_names_it(acme):
+    normal = upload(acme, png_bytes(product_image(64, 64, seed=8))).json()["id"]
+    body = {"kind": "generate", "method": "anogen", "normals": [normal], "count": 1, "masks": {"source": "box"}}
+    for params in ({"ablate": ["masked_loss"]}, {"masked_loss": False}):  # the earlier knob means the same
+        response = acme.post("/v1/jobs", json=body | {"params": params})
+        assert response.status_code == 422 and "act only in training" in response.json()["error"]["message"]
+    response = acme.post("/v1/jobs", json=body | {"params": {"masked_loss": True, "ablate": ["masked_loss"]}})
+    assert response.status_code == 422 and "say one or the other" in response.text
