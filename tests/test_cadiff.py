@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import ControlNetModel, StableDiffusionPipeline
+from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 from scipy import ndimage
 
@@ -566,3 +566,11 @@ def test_another_sd_architecture_fine_tunes_and_generates(two_level_sd, tmp_path
     for result, (normal, _, _) in zip(results, items()):
         assert result.details["reweighted_from_step"] == 1  # IAR measured its focus on the mid block
         assert np.array_equal(np.asarray(result.image)[outside_band(result)], np.asarray(normal)[outside_band(result)])
+
+
+def test_a_unet_without_cross_attention_is_refused_with_the_reason():
+    unet = UNet2DConditionModel(down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D",) * 2,
+                                mid_block_type="UNetMidBlock2D", block_out_channels=(16, 32), layers_per_block=1,
+                                cross_attention_dim=32, norm_num_groups=8, sample_size=8)
+    with pytest.raises(InputError, match="cross-attention"):
+        focus_layers(unet)
