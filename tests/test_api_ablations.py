@@ -38,6 +38,8 @@ def test_unknown_and_training_only_components_are_refused_before_anything_is_que
     assert all(repr(name) in response.json()["error"]["message"] for name in known), response.text
     response = acme.post("/v1/jobs", json=finetune_body(exemplars["crack"], ablate=["iar", "iar"]))
     assert response.status_code == 422 and "repeated" in response.json()["error"]["message"], response.text
+    response = acme.post("/v1/jobs", json=finetune_body(exemplars["crack"], ablate=["controlnet", "ctp_tokens"]))
+    assert response.status_code == 422 and "nothing to learn" in response.json()["error"]["message"], response.text
     assert newest_job(acme) == before
 
     adapter = acme.post("/v1/jobs", json=finetune_body(exemplars["crack"])).json()["id"]

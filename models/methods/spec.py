@@ -56,6 +56,8 @@ class MethodSpec:
     finetune_learns_defect_types: bool = False
     # The parts its paper ablates; its params' `ablate` takes their names (params.ablation_field).
     components: tuple[Component, ...] = ()
+    # The components a fine-tune learns: with every one of them ablated it would learn nothing.
+    trained_components: tuple[str, ...] = ()
 
     def unavailable_reason(self, weight_dirs: Mapping[str, str | None]) -> str | None:
         """None when the method can run with these weight settings, else every reason it cannot."""
@@ -70,4 +72,7 @@ class MethodSpec:
             return (f"params.ablate: {', '.join(training_only)} act only in training; ablate "
                     f"{'it' if len(training_only) == 1 else 'them'} on the fine-tune job, whose adapter "
                     "then carries that into every generate job")
+        if kind == "finetune" and self.trained_components and set(self.trained_components) <= set(ablate):
+            return (f"params.ablate: with {', '.join(self.trained_components)} ablated a {self.name} fine-tune "
+                    "has nothing to learn; fine-tune with them and ablate them on the generate jobs instead")
         return None

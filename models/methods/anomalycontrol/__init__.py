@@ -81,4 +81,5 @@ SPEC = MethodSpec(
     weights=("SD_MODEL_DIR", "BLIP2_MODEL_DIR"),
     generate_needs_references=True,
     components=COMPONENTS,
+    trained_components=("sga",),
 )

@@ -120,4 +120,5 @@ SPEC = MethodSpec(
     weights=("SD_MODEL_DIR",),
     finetune_learns_defect_types=True,
     components=COMPONENTS,
+    trained_components=("ctp_tokens", "controlnet"),
 )
