@@ -68,6 +68,19 @@ def test_a_text_encoder_of_another_width_is_refused(sd_copy):
     assert "does not match the text encoder's hidden_size (1024)" in sd_dir_problem(str(sd_copy))
 
 
+def test_a_unet_without_cross_attention_is_refused(sd_copy):
+    config_path = sd_copy / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["down_block_types"] = ["DownBlock2D"] * len(config["down_block_types"])
+    config["up_block_types"] = ["UpBlock2D"] * len(config["up_block_types"])
+    config["mid_block_type"] = "UNetMidBlock2D"
+    config_path.write_text(json.dumps(config))
+    assert "has no cross-attention block" in sd_dir_problem(str(sd_copy))
+    del config["mid_block_type"]  # diffusers' default mid block is a cross-attention one
+    config_path.write_text(json.dumps(config))
+    assert sd_dir_problem(str(sd_copy)) is None
+
+
 def test_a_v_prediction_model_is_refused(sd_copy):
     config_path = sd_copy / "scheduler" / "scheduler_config.json"
     config = json.loads(config_path.read_text())

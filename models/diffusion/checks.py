@@ -76,6 +76,11 @@ def sd_dir_problem(path: str | None) -> str | None:
     if "num_train_timesteps" not in scheduler or "beta_schedule" not in scheduler:
         return f"{root / 'scheduler' / 'scheduler_config.json'} lacks num_train_timesteps or beta_schedule"
 
+    blocks = [*configs["unet"].get("down_block_types", ()), *configs["unet"].get("up_block_types", ()),
+              configs["unet"].get("mid_block_type", "UNetMidBlock2DCrossAttn") or "none"]  # None: no mid block
+    if not any("CrossAttn" in block for block in blocks):
+        return (f"the UNet in {root / 'unet'} has no cross-attention block: the prompt, and every method's "
+                "conditioning through it, would never reach the image")
     cross_width = configs["unet"].get("cross_attention_dim")
     text_width = configs["text_encoder"].get("hidden_size")
     if cross_width != text_width:
