@@ -45,8 +45,9 @@ class GroundingAnomalyParams(FinetuneParams):
     grounding_learning_rate: float = Field(
         default=1e-3, gt=0, le=1.0,
         description="fine-tune: AdamW learning rate of the new layers (the gates and fusers, the SFF, the stem "
-        "and the map's tokens), as GLIGEN trains its new layers apart: Adam moves a gate by about this much a "
-        "step at most, so at 5e-5 tanh(gamma) stays within 0.1 over 2000 steps and the grounding can hardly act",
+        "and the map's tokens), as GLIGEN trains its new layers apart: Adam moves a gate by about one learning "
+        "rate a step, so at the LoRA's 5e-5 the gates stay nearly shut over 2000 steps and the grounding can "
+        "hardly act (tiny test models, 2000 steps: mean |tanh(gamma)| 0.05 at 5e-5, 0.22 at 1e-3)",
     )
     batch_size: int = Field(default=4, ge=1, le=64, description="fine-tune: images per step")
     lora_rank: int = Field(default=8, ge=1, le=128,
