@@ -82,6 +82,20 @@ def test_the_unet_is_restored_after_an_exception(tiny_sd):
     assert torch.equal(unet_output(tiny_sd), before) and structure(tiny_sd.unet) == shape
 
 
+def test_a_hook_made_before_the_block_can_still_be_removed_after_it():
+    module = torch.nn.Linear(2, 2)
+    calls = []
+    handle = module.register_forward_hook(lambda *_: calls.append(1))
+    with restored_after(module):
+        module.register_forward_hook(lambda *_: calls.append(2))
+        module(torch.zeros(2))
+    module(torch.zeros(2))
+    assert calls == [1, 2, 1]  # the block's own hook is gone
+    handle.remove()
+    module(torch.zeros(2))
+    assert calls == [1, 2, 1]
+
+
 def test_the_recorder_can_keep_the_graph_for_a_loss(tiny_sd):
     layers = select_layers(tiny_sd.unet, kind="cross")
     kept, detached = AttentionMapRecorder(keep_graph=True), AttentionMapRecorder()

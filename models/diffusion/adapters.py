@@ -40,17 +40,22 @@ def restored_after(*models: torch.nn.Module) -> Iterator[None]:
     snapshots = []
     for model in models:
         for module in model.modules():
-            # Copy the registries one level deep (child modules, parameters, hooks); keep the rest.
-            state = {key: type(value)(value) if type(value) in (dict, OrderedDict) else value
-                     for key, value in vars(module).items()}
-            snapshots.append((module, state))
+            # The attributes as they are, and the registries' contents one level deep (child
+            # modules, parameters, hooks): on exit each registry is the same object as before,
+            # refilled, since a hook handle made before the block holds that object.
+            attributes = dict(vars(module))
+            registries = {key: dict(value) for key, value in attributes.items() if type(value) in (dict, OrderedDict)}
+            snapshots.append((module, attributes, registries))
     flags = [(parameter, parameter.requires_grad) for model in models for parameter in model.parameters()]
     try:
         yield
     finally:
-        for module, state in snapshots:
+        for module, attributes, registries in snapshots:
             vars(module).clear()
-            vars(module).update(state)
+            vars(module).update(attributes)
+            for key, contents in registries.items():
+                attributes[key].clear()
+                attributes[key].update(contents)
         for parameter, requires_grad in flags:
             parameter.requires_grad_(requires_grad)
 
