@@ -274,34 +274,38 @@ def test_generation_follows_the_embedding_and_ablated_uses_the_initializers_own(
     assert np.array_equal(arrays(anogen.generate(tiny_sd, tmp_path, items[:1], PARAMS))[0], expected[0])
 
 
-def test_a_fine_tune_without_the_embedding_trains_nothing_and_its_adapter_carries_that(
+def test_ablations_reach_every_pair_and_without_the_embedding_the_adapters_initializer_serves(
         tiny_sd, tiny_sd_dir, exemplars, items, tmp_path):
-    """A fine-tune ablating "embedding" (with another initializer word) saves that word's vector;
-    every generate job on its adapter runs without the embedding, uses the adapter's word, and
-    records it on every pair."""
-    params = params_with(initializer_token="scratch", ablate=["embedding"])
+    """A fine-tune without the masked loss (initializer "scratch") records it in its result and
+    adapter; a generate job on that adapter ablating the embedding records both on every pair and
+    paints with the adapter's initializer word, not its own params' "defect"."""
+    params = params_with(initializer_token="scratch", ablate=["masked_loss"], train_steps=2)
     references = [Exemplar(str(number), image, mask, "p", "d") for number, (image, mask) in enumerate(exemplars)]
     request = FinetuneRequest(params, references, NormalImages.in_memory([]), seed=0, adapter_dir=tmp_path,
                               checkpoints=Checkpoints(tmp_path / "checkpoints"),
                               weight_dirs={"SD_MODEL_DIR": str(tiny_sd_dir)}, device="cpu")
     result = anogen_method.finetune(request, lambda *_: None)
-    assert result["ablated"] == ["embedding"] and result["train_steps"] == 0
-    assert result["diagnostics"]["embedding_distance"] == 0
-    assert result["diagnostics"]["loss"] == result["diagnostics"]["initializer_loss"]
-    scratch = initial_vectors(tiny_sd, "scratch", 1)
-    assert torch.equal(LearnedEmbedding.load(tmp_path)[0].vectors, scratch)
+    assert result["ablated"] == ["masked_loss"] and result["train_steps"] == 2
+    assert result["diagnostics"] == json.loads((tmp_path / "adapter_config.json").read_text())["diagnostics"]
 
     generate = GenerateRequest(
-        params=PARAMS, masks=MaskSpec(source="box"), exemplars=[], given_masks=[],
+        params=params_with(ablate=["embedding"]), masks=MaskSpec(source="box"), exemplars=[], given_masks=[],
         normals=NormalImages.in_memory([items[2].normal]), items=job_items(1, 5, 1, 1), adapter_dir=tmp_path,
         weight_dirs={"SD_MODEL_DIR": str(tiny_sd_dir)}, device="cpu",
     )
     (pair,) = [pair for batch in anogen_method.generate(generate, anogen_method.calls(generate), lambda *_: None)
                for pair in batch]
-    assert pair.details["ablated"] == ["embedding"]
-    expected = anogen.generate(tiny_sd, LearnedEmbedding([anogen.PLACEHOLDER], scratch),
-                               [(items[2].normal, pair.mask > 0, pair.seed)], PARAMS)[0]
+    assert pair.details["ablated"] == ["embedding", "masked_loss"]
+    scratch = LearnedEmbedding([anogen.PLACEHOLDER], initial_vectors(tiny_sd, "scratch", 1))
+    expected = anogen.generate(tiny_sd, scratch, [(items[2].normal, pair.mask > 0, pair.seed)], PARAMS)[0]
     assert np.array_equal(np.asarray(pair.image), np.asarray(expected.image))
+
+
+def test_a_fine_tune_without_the_embedding_is_refused_it_would_learn_nothing(tiny_sd, exemplars, tmp_path):
+    assert "nothing to learn" in METHODS["anogen"].ablation_problem(["embedding"], "finetune")
+    assert METHODS["anogen"].ablation_problem(["masked_loss"], "finetune") is None
+    with pytest.raises(ValueError, match="nothing to learn"):
+        anogen.finetune(tiny_sd, exemplars, params_with(ablate=["embedding"]), seed=0, out_dir=tmp_path)
 
 
 def test_an_adapter_from_before_ablations_were_recorded_still_says_what_it_ablated(tmp_path):

@@ -14,7 +14,7 @@ from models.methods.spec import Component, MethodSpec
 # initializer word instead) and the mask that focuses its loss on the defect.
 COMPONENTS = (
     Component("embedding", "the learnt defect embedding in the generation prompt (ablated: the initializer word's "
-              "own embedding; a fine-tune naming it trains nothing)", "generate"),
+              "own embedding)", "generate"),
     Component("masked_loss", "the exemplar masks weighting the textual-inversion loss, so the embedding learns the "
               "defect rather than the product around it (ablated: the plain loss over the whole image)", "finetune"),
 )
@@ -61,4 +61,5 @@ SPEC = MethodSpec(
     implementation="models.methods.anogen.method",
     weights=("SD_MODEL_DIR",),
     components=COMPONENTS,
+    trained_components=("embedding",),  # a fine-tune without it would learn nothing: refused at submit
 )

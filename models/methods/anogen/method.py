@@ -30,7 +30,7 @@ def finetune(request: FinetuneRequest, on_progress: ProgressCallback) -> dict:
         checkpoints=request.checkpoints,
         on_progress=lambda _stage, done, total: on_progress("training", done, total),
     )
-    return {"train_steps": pipeline.training_steps(request.params), "ablated": sorted(request.params.ablate),
+    return {"train_steps": request.params.train_steps, "ablated": sorted(request.params.ablate),
             "diagnostics": finetuned.diagnostics}
 
 

@@ -15,9 +15,9 @@ weak label, as the paper trains its detector with; optionally a refined mask mar
 image actually changed.
 
 Ablations (`params.ablate`, the paper's ablation rows): "masked_loss" (fine-tune) trains with the
-plain loss over the whole image; "embedding" generates with the initializer word's own vector
-(a fine-tune naming it trains nothing, and its adapter carries the ablation into every generate
-job). The adapter's config, the fine-tune's result and every pair's manifest entry record them.
+plain loss over the whole image; "embedding" (generate) uses the initializer word's own vector in
+the prompt (a fine-tune without it would learn nothing, so it is refused). The adapter's config,
+the fine-tune's result and every pair's manifest entry record them.
 
 Reproducibility: each output depends only on its inputs and its seed, whatever else shares its
 batch (up to floating-point differences between batch sizes).
@@ -100,6 +100,9 @@ def finetune(
     and its diagnostics (`diagnostics`).
     """
     # 1. Exemplars to latents, and their masks to latent-size loss weights (none: the plain loss).
+    if "embedding" in params.ablate:
+        raise ValueError("with the embedding ablated an AnoGen fine-tune has nothing to learn; "
+                         "ablate it on the generate jobs instead")
     _check_exemplars(exemplars, params)
     latent_size = params.resolution // sd.vae_scale_factor
     pixels = torch.stack([image_to_pixels(image, params.resolution) for image, _ in exemplars])
@@ -116,7 +119,7 @@ def finetune(
         tokens=[PLACEHOLDER],
         initializer=params.initializer_token,
         templates=TRAINING_TEMPLATES,
-        steps=training_steps(params),
+        steps=params.train_steps,
         learning_rate=params.learning_rate,
         batch_size=params.batch_size,
         seed=seed,
@@ -185,7 +188,7 @@ def generate(
     image changed.
 
     adapter: a fine-tune output directory (or its embedding). With "embedding" ablated, by this job
-    or by the adapter's fine-tune, the prompt's vector is the initializer word's own (the adapter's
+    or in the adapter's config, the prompt's vector is the initializer word's own (the adapter's
     initializer; for an embedding given in memory, `params.initializer_token`). Up to
     `images_per_batch` items share each UNet call. on_progress("generate", steps done, steps in
     all) follows every denoising step.
@@ -244,11 +247,6 @@ def adapter_config(adapter: str | Path | LearnedEmbedding) -> dict:
     if "ablate" not in config:
         config["ablate"] = [] if config.get("params", {}).get("masked_loss", True) else ["masked_loss"]
     return config
-
-
-def training_steps(params: AnoGenParams) -> int:
-    """The optimiser steps a fine-tune takes: none when the embedding is ablated (nothing to learn)."""
-    return 0 if "embedding" in params.ablate else params.train_steps
 
 
 def _check_exemplars(exemplars, params: AnoGenParams) -> None:
