@@ -190,7 +190,7 @@ def build_job(settings, tenant: str, body: JobCreate, lookup: ExemplarLookup, ge
         )
     if body.kind == "finetune" and not exemplars:
         raise ApiError(422, "exemplars_required", "a fine-tune job needs at least one exemplar in `exemplars`")
-    if body.kind == "finetune" and method.finetune_needs_normals and not normals:
+    if body.kind == "finetune" and method.finetune_needs_normals and params.learns_from_normals() and not normals:
         raise ApiError(
             422, "normals_required", f"{method.name} fine-tunes on normal images too: list some in `normals`"
         )

@@ -33,6 +33,11 @@ def test_finetune_on_two_defect_types_and_normals_then_generate_each(acme):
     no_normals = acme.post("/v1/jobs", json={"kind": "finetune", "method": "groundinganomaly",
                                              "exemplars": [e["id"] for e in cracks + holes]})
     assert no_normals.status_code == 422 and no_normals.json()["error"]["code"] == "normals_required"
+    without_mnt = acme.post("/v1/jobs", json={  # normal mixing ablated: no normal image is needed
+        "kind": "finetune", "method": "groundinganomaly", "exemplars": [e["id"] for e in cracks + holes],
+        "params": {**TINY, "train_steps": 2, "mask_train_steps": 1, "batch_size": 2, "ablate": ["mnt"]}})
+    assert without_mnt.status_code == 202, without_mnt.text
+    assert wait_for_job(acme, without_mnt.json()["id"], timeout=120)["status"] == "succeeded"
 
     sources = {s: product_image(64, 72, rgb=True, seed=s) for s in (21, 22)}
     normals = {upload(acme, png_bytes(image), product="tile").json()["id"]: image for image in sources.values()}

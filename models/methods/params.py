@@ -129,6 +129,11 @@ class FinetuneParams(DiffusionParams):
     learning_rate: float = Field(default=1e-4, gt=0, le=1.0, description="fine-tune: learning rate")
     batch_size: int = Field(default=4, ge=1, le=64, description="fine-tune: images per step")
 
+    def learns_from_normals(self) -> bool:
+        """Whether a fine-tune with these params trains on normal images (for a method whose spec
+        says its fine-tunes do: one may leave them out, e.g. by ablating its normal mixing)."""
+        return True
+
     def for_training_set(self, exemplars: int, normals: int) -> "FinetuneParams":
         """These params with the defaults that depend on the training set filled in: a method whose
         paper gives its schedule in epochs derives `train_steps` from the number of images. The API

@@ -78,6 +78,9 @@ class GroundingAnomalyParams(FinetuneParams):
         check_unique(self.ablate, "ablate")
         return self
 
+    def learns_from_normals(self) -> bool:
+        return "mnt" not in self.ablate and self.normal_fraction > 0
+
 
 SPEC = MethodSpec(
     name="groundinganomaly",
