@@ -69,7 +69,7 @@ def test_finetune_writes_an_adapter_and_reports_progress(tiny_sd, exemplars, tmp
     assert config["embedding_dim"] == tiny_sd.text_encoder.config.hidden_size
     assert config["params"]["learning_rate"] == 0.005 and config["seed"] == 3
     assert config["ablate"] == [] and set(config["diagnostics"]) == {
-        "loss", "initializer_loss", "embedding_distance", "relative_distance"}
+        "losses", "objective", "embedding_distance", "relative_distance"}
 
 
 def test_outside_the_box_the_output_is_the_normal_image_bit_for_bit(tiny_sd, adapter, items):
@@ -248,7 +248,8 @@ def test_the_default_schedule_moves_the_embedding_and_lowers_its_loss(tiny_sd, e
     params = AnoGenParams(resolution=64, train_steps=10)
     learnt, diagnostics = anogen.finetune(tiny_sd, exemplars, params, seed=3, out_dir=tmp_path)
     assert diagnostics["relative_distance"] > 0.5
-    assert diagnostics["loss"] < diagnostics["initializer_loss"]
+    assert diagnostics["objective"]["learnt"] < diagnostics["objective"]["initializer"]
+    assert 0 < diagnostics["losses"]["noise_prediction"] < 1  # the masked MSE, mean over the last steps
     initializer = initial_vectors(tiny_sd, "defect", 1)
     assert diagnostics["embedding_distance"] == pytest.approx(float((learnt.vectors - initializer).norm()))
     assert diagnostics["relative_distance"] == pytest.approx(diagnostics["embedding_distance"] / initializer.norm())

@@ -243,7 +243,7 @@ def test_the_default_schedule_trains_sga_and_keeps_its_branch_in_play(tiny_sd, b
     diagnostics = pipeline.finetune(tiny_sd, blip2, [reference], params, seed=0, out_dir=tmp_path).diagnostics
     assert diagnostics["sga_weight_change"] > 0.1 * params.train_steps / defaults.train_steps
     assert all(0.25 < share < 1 for share in diagnostics["sga_branch_share"])
-    assert 0 < diagnostics["loss_ldm"] < 2  # the noise MSE, mean over the last 50 steps
+    assert 0 < diagnostics["losses"]["ldm"] < 2  # the noise MSE, mean over the last 50 steps
     energy_before, energy_after = diagnostics["asea_energy"]
     assert energy_after < energy_before
 
@@ -381,7 +381,7 @@ def test_a_fine_tune_without_a_component_records_it_and_its_generate_jobs_drop_i
     no_sga = pipeline.finetune(tiny_sd, blip2, [reference], params.model_copy(update={"ablate": ["sga", "asea"]}),
                                seed=0, out_dir=tmp_path / "sga")
     assert all(torch.equal(a, b) for a, b in zip(no_sga.adapter.parameters(), start.parameters()))  # nothing to train
-    assert no_sga.diagnostics["sga_branch_share"] == [0.0, 0.0] and "loss_ldm" not in no_sga.diagnostics
+    assert no_sga.diagnostics["sga_branch_share"] == [0.0, 0.0] and "losses" not in no_sga.diagnostics
     loaded = pipeline.load_adapter(tmp_path / "sga", tiny_sd, blip2)
     assert json.loads((tmp_path / "sga" / "adapter_config.json").read_text())["ablate"] == ["asea", "sga"]
     assert loaded.ablated(PARAMS) == ["asea", "sga"]

@@ -28,7 +28,7 @@ def test_finetune_on_one_product_then_generate_on_another(acme):
     job = wait_for_job(acme, finetune.json()["id"])
     assert job["status"] == "succeeded", job
     assert job["result"]["ablated"] == []
-    assert {"loss_ldm", "sga_branch_share", "sga_weight_change", "asea_energy"} <= set(job["result"]["diagnostics"])
+    assert {"losses", "sga_branch_share", "sga_weight_change", "asea_energy"} <= set(job["result"]["diagnostics"])
     keys = {a["key"] for a in acme.get(f"/v1/jobs/{job['id']}/artifacts").json()["items"]}
     assert {f"adapters/{job['id']}/sga.safetensors", f"adapters/{job['id']}/adapter_config.json"} <= keys
 

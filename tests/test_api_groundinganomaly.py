@@ -50,7 +50,7 @@ def test_finetune_on_two_defect_types_and_normals_then_generate_each(acme):
     job = wait_for_job(acme, finetune.json()["id"], timeout=120)
     assert job["status"] == "succeeded", job
     assert job["result"]["defects"] == ["crack", "hole"] and job["result"]["normals"] == 2
-    assert job["result"]["ablated"] == [] and set(job["result"]["diagnostics"]) == {"loss", "gates"}
+    assert job["result"]["ablated"] == [] and set(job["result"]["diagnostics"]) == {"losses", "gates"}
     assert set(job["result"]["diagnostics"]["gates"]) == {"mean_abs_tanh", "max_abs_tanh"}
     keys = {a["key"] for a in acme.get(f"/v1/jobs/{job['id']}/artifacts").json()["items"]}
     prefix = f"adapters/{job['id']}/"

@@ -34,7 +34,7 @@ def train(sd, training_data, steps, **overrides):
     latents, masks = training_data
     options = {"tokens": TOKENS, "initializer": "defect", "templates": ["a photo of a {}", "a {}"],
                "steps": steps, "learning_rate": 0.005, "batch_size": 2, "seed": 7}
-    return train_embedding(sd, latents, masks, **{**options, **overrides})
+    return train_embedding(sd, latents, masks, **{**options, **overrides})[0]
 
 
 def test_only_the_placeholder_row_of_the_embedding_table_changes(tiny_sd, training_data):

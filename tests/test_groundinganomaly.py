@@ -431,7 +431,7 @@ def test_gsm_ablated_in_the_fine_tune_trains_the_lora_alone_and_generates_ungrou
     assert files == ["adapter_config.json", "lora/adapter_config.json", "lora/adapter_model.safetensors",
                      "mask_embeds.safetensors"]
     loaded = fresh(tiny_sd, tiny_convnext_dir, folder)
-    assert loaded.grounding is None and loaded.config["diagnostics"].keys() == {"loss"}
+    assert loaded.grounding is None and loaded.config["diagnostics"].keys() == {"losses"}
     with UNetCalls(tiny_sd.unet) as calls:
         (crack, hole), _ = generate_both_defects(tiny_sd, loaded, TINY, monkeypatch)
     assert np.array_equal(crack, hole) and all(kwargs is None for _, _, kwargs in calls.inputs)
@@ -593,7 +593,10 @@ def test_diagnostics_the_default_rates_open_the_gates_past_the_floor(trained):
                                     "max_abs_tanh": pytest.approx(float(openings.max()))}
     for key, floor in GATE_FLOOR.items():
         assert diagnostics["gates"][key] > floor, key
-    assert 0 < diagnostics["loss"]["noise_prediction"] < 10
+    assert 0 < diagnostics["losses"]["noise_prediction"] < 10
+    assert {key for key in diagnostics["losses"] if key.startswith("mask_inversion_")} == {
+        f"mask_inversion_{defect}" for defect in adapter.defects}
+    assert all(0 < value < 10 for value in diagnostics["losses"].values())
     # Adam's step is at most (1 - beta1) / sqrt(1 - beta2) ~ 3.2 learning rates (about one, typically): at the
     # LoRA's rate no gate could pass the floor in these steps.
     assert 3.2 * GroundingAnomalyParams().learning_rate * TRAINED.train_steps < GATE_FLOOR["max_abs_tanh"]

@@ -157,8 +157,9 @@ def train_embedding(
     seed: int,
     checkpoints: Checkpoints | None = None,
     on_progress: Callable[[int, int], None] | None = None,
-) -> LearnedEmbedding:
-    """Learn vectors for `tokens` so that the frozen UNet denoises `latents` given prompts naming them.
+) -> tuple[LearnedEmbedding, dict[str, float]]:
+    """Learn vectors for `tokens` so that the frozen UNet denoises `latents` given prompts naming them;
+    return them and the loss's final value (training.train's: {"total": mean of the last steps}).
 
     latents: (N, 4, h, w) scaled VAE latents of the training images; masks: (N, 1, h, w) {0, 1}
     loss weights (None: plain loss). Each step draws `batch_size` examples with replacement,
@@ -186,12 +187,12 @@ def train_embedding(
             mask = batch.masks.to(sd.device) if batch.masks is not None else None
             return masked_mse(eps.float(), batch.noise.to(sd.device), mask)
 
-        train(
+        final_losses = train(
             {"vectors": embedding.vectors}, torch.optim.Adam([embedding.vectors], lr=learning_rate), loss_at,
             steps=steps, seed=seed, run=run, device=sd.device, mixed_precision=sd.dtype == torch.float16,
             checkpoints=checkpoints, on_step=on_progress,
         )
-        return LearnedEmbedding(tokens, embedding.vectors.detach().float().cpu().clone())
+        return LearnedEmbedding(tokens, embedding.vectors.detach().float().cpu().clone()), final_losses
 
 
 class TrainingBatch(NamedTuple):

@@ -112,7 +112,7 @@ def finetune(
         masks = torch.stack([mask_to_latent(mask, latent_size) for _, mask in exemplars])
 
     # 2. Textual inversion of one vector, starting from the initializer word.
-    embedding = train_embedding(
+    embedding, final_losses = train_embedding(
         sd,
         latents,
         masks,
@@ -129,7 +129,7 @@ def finetune(
 
     # 3. Diagnostics, and the adapter: safetensors + JSON config.
     start = LearnedEmbedding(embedding.tokens, initial_vectors(sd, params.initializer_token, len(embedding.tokens)))
-    diagnostics = _diagnostics(sd, embedding, start, latents, masks)
+    diagnostics = _diagnostics(sd, embedding, start, latents, masks, final_losses)
     embedding.save(Path(out_dir), {
         "method": METHOD, "seed": seed, "exemplars": len(exemplars), "params": params.model_dump(),
         "ablate": sorted(params.ablate), "diagnostics": diagnostics,
@@ -138,14 +138,16 @@ def finetune(
 
 
 def _diagnostics(sd: StableDiffusion, learnt: LearnedEmbedding, start: LearnedEmbedding, latents: torch.Tensor,
-                 masks: torch.Tensor | None) -> dict[str, float]:
-    """Whether the embedding learnt: the training objective of the learnt vector ("loss") and of its
-    initializer ("initializer_loss") at the same fixed draws, and its L2 distance from the
-    initializer, also relative to the initializer's norm (0: it never moved)."""
+                 masks: torch.Tensor | None, final_losses: dict[str, float]) -> dict:
+    """Whether the embedding learnt: the training loss's final value ("losses"), the training
+    objective of the learnt vector and of its initializer at the same fixed draws ("objective": a
+    step's loss is too noisy to compare them by), and its L2 distance from the initializer, also
+    relative to the initializer's norm (0: it never moved)."""
     distance = float((learnt.vectors - start.vectors).norm())
     return {
-        "loss": _objective(sd, learnt, latents, masks),
-        "initializer_loss": _objective(sd, start, latents, masks),
+        "losses": {"noise_prediction": final_losses.get("total")},
+        "objective": {"learnt": _objective(sd, learnt, latents, masks),
+                      "initializer": _objective(sd, start, latents, masks)},
         "embedding_distance": distance,
         "relative_distance": distance / float(start.vectors.norm()),
     }

@@ -119,7 +119,7 @@ class FineTuned:
     """What a fine-tune made: the trained adapter and the numbers that say whether it learnt."""
 
     adapter: SemanticGuidedAdapter
-    # loss_ldm: the LDM loss, mean over the last steps. sga_branch_share (at the start, at the end): the
+    # losses: {"ldm": the LDM loss, mean over the last steps}. sga_branch_share (at the start, at the end): the
     # decoupled branch's share of the cross-attention output (SemanticGuidedAdapter.branch_share) on a
     # batch of the exemplars. sga_weight_change: ||W' - W'_0|| / ||W'_0|| over the trained tensors.
     # asea_energy: E before and after the guidance steps, mean over the exemplars.
@@ -200,7 +200,7 @@ def finetune(
             )
             share_at_end = _branch_share(sd, adapter, share_batch)
         moved = torch.stack([(p.detach() - p0).norm() for p, p0 in zip(adapter.parameters(), initial)]).norm()
-        diagnostics.update(loss_ldm=losses.get("total"), sga_branch_share=[share_at_start, share_at_end],
+        diagnostics.update(losses={"ldm": losses.get("total")}, sga_branch_share=[share_at_start, share_at_end],
                            sga_weight_change=float(moved / torch.stack([p0.norm() for p0 in initial]).norm()))
 
     # 5. The adapter: sga.safetensors + adapter_config.json.

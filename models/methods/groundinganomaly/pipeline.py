@@ -230,11 +230,11 @@ def finetune(
         empty = encode_prompts(sd, [""]).float()
 
     # 2. A mask embedding per defect type, by textual inversion on its exemplars' masks.
-    mask_vectors = []
+    mask_vectors, mask_losses = [], {}
     for k, defect in enumerate(defects):
         masks = [e.mask for e in exemplars if e.defect == defect]
         mask_latents = encode(sd, torch.stack([image_to_pixels(_mask_image(m), resolution) for m in masks]))
-        learned = train_embedding(
+        learned, mask_losses[defect] = train_embedding(
             sd, mask_latents, None, tokens=[_mask_token(k)], initializer=MASK_INITIALIZER, templates=MASK_TEMPLATES,
             steps=params.mask_train_steps, learning_rate=MASK_LEARNING_RATE, batch_size=params.batch_size,
             seed=seed + 1 + k, checkpoints=_stage_checkpoints(checkpoints, f"mask-{k}"),
@@ -307,17 +307,20 @@ def finetune(
         "sd_fingerprint": model_fingerprint(sd.model_dir),
         "convnext_fingerprint": model_fingerprint(convnext.name_or_path),
         "seed": seed, "exemplars": anomalous, "normals": len(normals), "params": params.model_dump(mode="json"),
-        "ablate": ablated, "diagnostics": diagnostics(final, gated),
+        "ablate": ablated, "diagnostics": diagnostics(final, mask_losses, gated),
     }
     write_adapter_config(out_dir, METHOD, **config)
     return LoadedAdapter(grounding, gated, lora, trained_lora, mask_embeddings, {"method": METHOD, **config})
 
 
-def diagnostics(final_losses: dict[str, float], gated: GatedBlocks | None) -> dict:
-    """What a user reads off a fine-tune: the loss's final value (the mean of the last steps; None
-    when a resumed run had no step left) and how far the gates opened, |tanh(gamma)| over both
+def diagnostics(final_losses: dict[str, float], mask_losses: dict[str, dict[str, float]],
+                gated: GatedBlocks | None) -> dict:
+    """What a user reads off a fine-tune: the final values of the LDM loss and of each defect's mask
+    inversion (means of their last steps; None when a resumed run had no step left) and how far
+    the gates opened, |tanh(gamma)| over both
     gates (attention, feed-forward) of every gated block: near 0 the grounding hardly acts."""
-    result = {"loss": {"noise_prediction": final_losses.get("total")}}
+    result = {"losses": {"noise_prediction": final_losses.get("total"),
+                         **{f"mask_inversion_{defect}": losses.get("total") for defect, losses in mask_losses.items()}}}
     if gated is not None:
         openings = gated.gammas().tanh().abs()
         result["gates"] = {"mean_abs_tanh": float(openings.mean()), "max_abs_tanh": float(openings.max())}
