@@ -136,7 +136,7 @@ def test_progress_counts_denoising_steps_and_a_raise_cancels(tiny_sd, adapter, i
 
 def test_bad_inputs_are_refused_before_any_work(tiny_sd, adapter, exemplars, tmp_path):
     image = textured_image(64, 64)
-    with pytest.raises(ValueError, match="box mask is empty"):
+    with pytest.raises(ValueError, match="target mask is empty"):
         anogen.generate(tiny_sd, adapter[0], [(image, np.zeros((64, 64), bool), 0)], PARAMS)
     with pytest.raises(ValueError, match="does not match the image"):
         anogen.generate(tiny_sd, adapter[0], [(image, np.ones((32, 64), bool), 0)], PARAMS)

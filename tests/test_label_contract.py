@@ -72,10 +72,13 @@ def generated_pairs(name, mode, precision, masks, weight_dirs, tmp_path, referen
                     ablate=()):
     """The pairs `name` makes through its interface on two small normal images (a fine-tune first
     where the method needs one), with the normal image of each. The reference's mask is a box
-    unless `reference_mask` is given. `ablate`: components to run without, named on the fine-tune
-    where the method has one (as a user would), else on the generate job."""
+    unless `reference_mask` is given. `ablate`: components to run without, each named on the job
+    it acts in (a fine-tune carries its own into the generate job through the adapter)."""
     spec = METHODS[name]
-    params = spec.params.model_validate({**TINY_PARAMS[name], **({"ablate": list(ablate)} if ablate else {})})
+    acts_in = {component.name: component.acts_in for component in spec.components}
+    params = spec.params.model_validate(TINY_PARAMS[name])
+    if ablate:
+        params = params.model_copy(update={"ablate": [c for c in ablate if acts_in[c] == "finetune"]})
     if reference_mask is None:
         reference_mask = box_mask(56, 72, (20, 16, 44, 40))
     reference = Exemplar("ref", textured_image(56, 72, mode, seed=1), reference_mask, "p", "d")
@@ -87,7 +90,8 @@ def generated_pairs(name, mode, precision, masks, weight_dirs, tmp_path, referen
             params, [reference], NormalImages.in_memory(normals), seed=0, adapter_dir=adapter,
             checkpoints=Checkpoints(tmp_path / "checkpoints"), weight_dirs=weight_dirs, device="cpu",
         ), lambda *_: None)
-        params = params.model_copy(update={"ablate": []})  # the adapter carries the fine-tune's
+    if ablate:
+        params = params.model_copy(update={"ablate": [c for c in ablate if acts_in[c] == "generate"]})
     request = GenerateRequest(
         params=params, masks=masks, exemplars=[reference], given_masks=list(given_masks),
         normals=NormalImages.in_memory(normals), items=job_items(3, 0, 2, 1), adapter_dir=adapter,

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.diffusion.images import encode, image_to_pixels, mask_to_latent
+from models.diffusion.images import check_mask, check_mode, encode, image_to_pixels, mask_to_latent
 from models.diffusion.loading import StableDiffusion
 from models.diffusion.sampling import StepCallback, ddim_sample, noised
-from models.methods.interface import Pair, ProgressCallback
+from models.methods.interface import Pair, ProgressCallback, painted_part
 
 
 class GenerateItem(NamedTuple):
@@ -42,8 +42,26 @@ class GenerateResult:
                     {**self.details, **details})
 
 
-def as_items(items: Sequence[GenerateItem | tuple[Image.Image, np.ndarray, int]]) -> list[GenerateItem]:
-    return [GenerateItem(*item) for item in items]
+def checked_items(
+    items: Sequence[GenerateItem | tuple[Image.Image, np.ndarray, int]], *, empty_masks: bool = False
+) -> list[GenerateItem]:
+    """The items as GenerateItems, each normal image's mode and its mask's shape checked; an empty
+    mask is refused unless `empty_masks`."""
+    checked = [GenerateItem(*item) for item in items]
+    for number, item in enumerate(checked):
+        check_mode(item.normal)
+        check_mask(item.target_mask, item.normal)
+        if not empty_masks and not np.any(item.target_mask):
+            raise ValueError(f"item {number}: the target mask is empty")
+    return checked
+
+
+def painted_result(item: GenerateItem, image: Image.Image, details: dict | None = None) -> GenerateResult:
+    """The result of painting `image` for `item`: its label is the target mask's painted part (a
+    fade can round back to the normal's values on a one-pixel speck, and the label must not claim
+    a defect that is not in the image)."""
+    mask = painted_part(item.target_mask, image, item.normal).astype(np.uint8) * 255
+    return GenerateResult(image, mask, item.seed, details=details or {})
 
 
 def step_reporter(on_progress: ProgressCallback | None, steps_before: int, total_steps: int) -> StepCallback:

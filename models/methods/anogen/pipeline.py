@@ -32,7 +32,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from models.diffusion.adapters import ablated_components, read_adapter_config
-from models.diffusion.generation import GenerateItem, GenerateResult, as_items, blended_ddim, step_reporter
+from models.diffusion.generation import GenerateItem, GenerateResult, blended_ddim, checked_items, step_reporter
 from models.diffusion.images import (
     check_mask,
     check_mode,
@@ -200,8 +200,7 @@ def generate(
     if "embedding" in ablated_components(params, config):
         initializer = config.get("params", {}).get("initializer_token", params.initializer_token)
         embedding = LearnedEmbedding(embedding.tokens, initial_vectors(sd, initializer, len(embedding.tokens)))
-    items = as_items(items)
-    _check_items(items)
+    items = checked_items(items)
 
     # 2. Encode the prompt (the learnt defect token) and the empty prompt for guidance.
     with placeholder_tokens(sd, embedding) as (tokenizer, _), torch.no_grad():
@@ -259,14 +258,6 @@ def _check_exemplars(exemplars, params: AnoGenParams) -> None:
         check_mask(mask, image)
         if "masked_loss" not in params.ablate and not np.any(mask):
             raise ValueError(f"exemplar {number} has an empty mask: the masked loss would learn nothing from it")
-
-
-def _check_items(items: list[GenerateItem]) -> None:
-    for number, item in enumerate(items):
-        check_mode(item.normal)
-        check_mask(item.target_mask, item.normal)
-        if not np.any(item.target_mask):
-            raise ValueError(f"item {number}: the box mask is empty")
 
 
 def _changed_region(image: np.ndarray, normal: np.ndarray, box: np.ndarray) -> np.ndarray:

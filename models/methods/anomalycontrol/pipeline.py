@@ -55,7 +55,14 @@ from models.diffusion.adapters import (
     read_adapter_config,
     write_adapter_config,
 )
-from models.diffusion.generation import GenerateItem, GenerateResult, as_items, blended_ddim, step_reporter
+from models.diffusion.generation import (
+    GenerateItem,
+    GenerateResult,
+    blended_ddim,
+    checked_items,
+    painted_result,
+    step_reporter,
+)
 from models.diffusion.images import (
     check_mask,
     check_mode,
@@ -293,9 +300,8 @@ def generate(
         adapter = load_adapter(adapter, sd, blip2, params.gamma)
     ablated = adapter.ablated(params)
     sga = "sga" not in ablated
-    items = as_items(items)
+    items = checked_items(items, empty_masks=True)
     _check_references([reference])
-    _check_items(items)
     if features is None and sga:
         features = reference_features(blip2, reference, params, adapter.text_template, ablated)
 
@@ -322,8 +328,7 @@ def generate(
             # 4. Decode, and fade each mask into the normal image across its border: exact beyond it.
             for item, pixels in zip(batch, decode(sd, latents)):
                 image = fade_into_normal(item.normal, pixels, item.target_mask, params.mask_dilation)
-                mask = (np.asarray(item.target_mask) > 0).astype(np.uint8) * 255
-                results.append(GenerateResult(image, mask, item.seed))
+                results.append(painted_result(item, image))
     return results
 
 
@@ -337,9 +342,3 @@ def _check_references(references: Sequence[Reference]) -> None:
             raise ValueError(f"exemplar {number} has an empty mask: ASEA has no anomaly to focus on")
         if not reference.defect.strip():
             raise ValueError(f"exemplar {number} has no defect word: T_a and T_t name it")
-
-
-def _check_items(items: list[GenerateItem]) -> None:
-    for item in items:
-        check_mode(item.normal)
-        check_mask(item.target_mask, item.normal)

@@ -76,7 +76,7 @@ from models.diffusion.adapters import (
     write_adapter_config,
 )
 from models.diffusion.attention import attention_processors, select_layers
-from models.diffusion.generation import GenerateItem, GenerateResult, as_items, step_reporter
+from models.diffusion.generation import GenerateItem, GenerateResult, checked_items, painted_result, step_reporter
 from models.diffusion.images import (
     check_mask,
     check_mode,
@@ -440,8 +440,7 @@ def generate(
     if not isinstance(adapter, CADiffAdapter):
         adapter = load_adapter(adapter, sd)
     ablated = ablated_components(params, adapter.config)
-    items = as_items(items)
-    _check_items(items)
+    items = checked_items(items)
     prompt = adapter.prompt(defect)
     embedding = adapter.embedding
     if "ctp_tokens" in ablated:
@@ -474,10 +473,9 @@ def generate(
                     image = fade_into_normal(item.normal, pixels, item.target_mask, params.mask_dilation)
                 else:
                     image = Image.fromarray(pixels_to_array(pixels, item.normal.size, item.normal.mode))
-                mask = (np.asarray(item.target_mask) > 0).astype(np.uint8) * 255
                 details = {"intensity": round(intensities[index], 6) if schedule else None,
                            "reweighted_from_step": schedule.started_at[index] if schedule else None}
-                results.append(GenerateResult(image, mask, item.seed, details=details))
+                results.append(painted_result(item, image, details))
     return results
 
 
@@ -536,11 +534,3 @@ def _check_training_images(images: Sequence[TrainingImage]) -> None:
         check_mask(image.mask, image.image)
         if not np.any(image.mask):
             raise InputError(f"exemplar {number} has an empty mask: its anomaly token would have nothing to find")
-
-
-def _check_items(items: list[GenerateItem]) -> None:
-    for number, item in enumerate(items):
-        check_mode(item.normal)
-        check_mask(item.target_mask, item.normal)
-        if not np.any(item.target_mask):
-            raise ValueError(f"item {number}: the target mask is empty")

@@ -73,7 +73,7 @@ from models.diffusion.adapters import (
     read_adapter_config,
     write_adapter_config,
 )
-from models.diffusion.generation import GenerateItem, GenerateResult, as_items, step_reporter
+from models.diffusion.generation import GenerateItem, GenerateResult, checked_items, painted_result, step_reporter
 from models.diffusion.images import (
     check_mask,
     check_mode,
@@ -385,10 +385,7 @@ def generate(
     """
     if background not in ("normal", "generated"):
         raise ValueError(f"background is 'normal' or 'generated', not {background!r}")
-    items = as_items(items)
-    for item in items:
-        check_mode(item.normal)
-        check_mask(item.target_mask, item.normal)
+    items = checked_items(items, empty_masks=True)
     label = adapter.defect_index(defect)
     ablated = ablated_components(params, adapter.config)
     grounding = None if "gsm" in ablated else adapter.grounding
@@ -454,8 +451,7 @@ def generate(
             image = fade_into_normal(item.normal, pixels, item.target_mask, params.mask_dilation)
         else:
             image = Image.fromarray(pixels_to_array(pixels, item.normal.size, item.normal.mode))
-        mask = (np.asarray(item.target_mask) > 0).astype(np.uint8) * 255
-        results.append(GenerateResult(image, mask, item.seed, details={"ablated": ablated}))
+        results.append(painted_result(item, image, {"ablated": ablated}))
     return results
 
 

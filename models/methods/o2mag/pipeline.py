@@ -69,7 +69,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.diffusion.attention import AttentionLayer, UNetAttention, attention_layers, attention_processors
-from models.diffusion.generation import GenerateItem, GenerateResult, as_items
+from models.diffusion.generation import GenerateItem, GenerateResult, checked_items, painted_result
 from models.diffusion.images import (
     check_mask,
     check_mode,
@@ -198,9 +198,8 @@ def generate(
     total count the steps of the whole call, every stage alike, so done / total is the call's progress.
     """
     # 1. Check the inputs; group the items by normal image, each group in batches of targets.
-    items = as_items(items)
+    items = checked_items(items, empty_masks=True)
     _check_reference(reference_image, reference_mask)
-    _check_items(items)
     if targets_per_call < 1:
         raise ValueError(f"targets_per_call must be at least 1, got {targets_per_call}")
     if not items:
@@ -453,9 +452,7 @@ def _masked_diffusion_loss(sd, scheduler, latents, mask, embedding, t, noise) ->
 def _composite(item: GenerateItem, pixels: torch.Tensor, band: int) -> GenerateResult:
     """The generated pixels on M_T, fading into the normal image across a `band` pixels wide ring
     on M_T's border (at most LABEL_BAND of them outside M_T), the normal's beyond."""
-    image = fade_into_normal(item.normal, pixels, item.target_mask, band)
-    mask = (np.asarray(item.target_mask) > 0).astype(np.uint8) * 255
-    return GenerateResult(image, mask, item.seed)
+    return painted_result(item, fade_into_normal(item.normal, pixels, item.target_mask, band))
 
 
 def _group_by_normal(items: list[GenerateItem]) -> list[list[int]]:
@@ -479,12 +476,6 @@ def _check_reference(image: Image.Image, mask: np.ndarray) -> None:
     check_mask(mask, image)
     if not np.any(mask):
         raise ValueError("the reference mask is empty: there is no anomaly to take")
-
-
-def _check_items(items: list[GenerateItem]) -> None:
-    for item in items:
-        check_mode(item.normal)
-        check_mask(item.target_mask, item.normal)
 
 
 class _Progress:
