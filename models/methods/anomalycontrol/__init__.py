@@ -19,7 +19,7 @@ COMPONENTS = (
     Component("asea", "anomaly-semantic enhanced attention: guidance steps that focus the Q-Former's features C' "
               "on the reference's defect (ablated: C' straight from the Q-Former, as with asea_steps 0)", "generate"),
     Component("sga", "semantic guided adapter: C' enters every cross-attention layer of the UNet beside the text "
-              "(ablated: the plain SD UNet with the text alone, as with gamma 0; a fine-tune has nothing to train)",
+              "(ablated: the plain SD UNet with the text alone, as with gamma 0)",
               "generate"),
 )
 
