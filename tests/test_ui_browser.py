@@ -344,7 +344,19 @@ def test_tablet_layout_and_methods(browser, api_url, acme, many_pairs):
         fields = {f.get_attribute("data-param") for f in card.find_elements(By.CSS_SELECTOR, ".field")}
         assert fields == set(method["params_schema"]["properties"]), name
     assert find(browser, "#method-draem-texture").tag_name == "select"
+    # A diffusion method lists its paper's components, and `ablate` offers them as checkboxes.
+    cadiff = find(browser, "#method-cadiff")
+    cadiff.find_element(By.CSS_SELECTOR, "details.components summary").click()
+    listed = [code.text for code in cadiff.find_elements(By.CSS_SELECTOR, "details.components dt code")]
+    assert listed == [c["name"] for c in methods["cadiff"]["components"]]
+    boxes = cadiff.find_elements(By.CSS_SELECTOR, "[data-param=ablate] input[type=checkbox]")
+    assert [box.get_attribute("value") for box in boxes] == listed
+    # CADiff's train_steps is decided from the training set unless given: an empty number field.
+    assert find(browser, "#method-cadiff-train_steps").get_attribute("type") == "number"
+    assert find(browser, "#method-cadiff-train_steps").get_attribute("value") == ""
+    browser.execute_script("arguments[0].scrollIntoView()", cadiff)
     screenshot(browser, "methods")
+    browser.execute_script("window.scrollTo(0, 0)")
     # The methods form starts a job form with the chosen parameters.
     Select(find(browser, "#method-cutpaste-variant")).select_by_value("scar")
     find(browser, "#method-cutpaste button.primary").click()

@@ -32,6 +32,13 @@ export function methodsView(main, {navigate}) {
           h("dt", {}, "Weights"), h("dd", {}, method.weights?.length ? method.weights.join(", ") : "none needed"),
           h("dt", {}, "Mask sources"), h("dd", {}, method.mask_sources.map((source) =>
             source === method.default_mask_source ? `${source} (default)` : source).join(", "))),
+        method.components?.length ? h("details", {class: "components"},
+          h("summary", {}, `Components its paper ablates (${method.components.length})`),
+          h("dl", {class: "facts"}, method.components.map((c) => [
+            h("dt", {}, h("code", {}, c.name)),
+            h("dd", {}, c.summary, h("span", {class: "muted small"},
+              c.acts_in === "finetune" ? " · ablated on the fine-tune job" : " · ablated on a generate or fine-tune job")),
+          ]))) : null,
         h("details", {open: true}, h("summary", {}, `Parameters (${form.names.length})`), form.element,
           method.params_schema.description ? h("p", {class: "muted small"}, method.params_schema.description) : null),
         h("div", {class: "actions"}, start,

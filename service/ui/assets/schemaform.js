@@ -22,6 +22,13 @@ function numberInput(schema, id, value, label) {
 
 // One field: {element, read() -> value | undefined (not set), write(value)}.
 function field(name, schema, id) {
+  // `T | None` with a null default ("the API decides", e.g. from the training set): a T field left
+  // empty, so nothing is sent unless the user fills it in.
+  const kinds = schema.anyOf || [];
+  const some = kinds.filter((s) => s.type !== "null");
+  if (kinds.length === 2 && some.length === 1) {
+    return field(name, {...some[0], title: schema.title, default: schema.default ?? undefined}, id);
+  }
   const label = schema.title || name;
   const initial = schema.default;
   if (schema.type === "boolean") {
