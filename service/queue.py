@@ -14,7 +14,7 @@ QUEUE_BY_KIND = {"finetune": "gpu", "generate": "gpu", "evaluate": "metrics"}
 
 
 def celery_config(settings: Settings) -> dict:
-    """One configuration for producer and workers (see DESIGN section 5)."""
+    """One configuration for producer and workers."""
     return {
         "broker_url": settings.redis_url,
         "broker_connection_retry_on_startup": True,

@@ -1,4 +1,4 @@
-"""Request and response bodies of the REST API (DESIGN section 3)."""
+"""Request and response bodies of the REST API (docs/api.md is the contract they serve)."""
 
 from typing import Annotated, Any, Literal
 
@@ -63,7 +63,8 @@ class JobCreate(BaseModel):
 
     kind: JobKind
     method: StrictStr | None = Field(
-        default=None, max_length=64, description="see GET /v1/methods; not used by evaluate jobs"
+        default=None, max_length=64,
+        description="see GET /v1/methods; generate and fine-tune jobs need one, evaluate jobs take none",
     )
     product: str | None = Field(default=None, pattern=NAME_PATTERN, description="default: the exemplars' product")
     defect: str | None = Field(

@@ -1,4 +1,4 @@
-"""Writing a generate job's outputs in the layout of DESIGN section 3:
+"""Writing a generate job's outputs in the layout of docs/api.md (Storage layout):
 
     jobs/<id>/images/<defect>/<n>.png, jobs/<id>/masks/<defect>/<n>_mask.png,
     jobs/<id>/manifest.json, jobs/<id>/preview.png

@@ -115,7 +115,7 @@ class MaskSpec(StrictModel):
 
 
 class DiffusionParams(StrictModel):
-    """Knobs every diffusion method shares (DESIGN section 3 names them)."""
+    """Knobs every diffusion method shares."""
 
     resolution: int = Field(default=512, ge=64, le=1024, multiple_of=8, description="model-side square size")
     num_inference_steps: int = Field(default=50, ge=1, le=1000)
@@ -123,7 +123,7 @@ class DiffusionParams(StrictModel):
 
 
 class FinetuneParams(DiffusionParams):
-    """The fine-tune knobs every fine-tune method shares (DESIGN section 3); each sets its defaults."""
+    """The fine-tune knobs every fine-tune method shares; each sets its defaults."""
 
     train_steps: int = Field(default=1000, ge=1, le=100_000, description="fine-tune: optimiser steps")
     learning_rate: float = Field(default=1e-4, gt=0, le=1.0, description="fine-tune: learning rate")
