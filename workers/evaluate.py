@@ -5,7 +5,6 @@ import json
 import tempfile
 from pathlib import Path
 
-from service.settings import Settings
 from workers.context import JobContext, JobFailed
 
 
@@ -40,7 +39,7 @@ def run_evaluate(context: JobContext) -> dict:
 
         # 3. Train and score every arm; write the report.
         output = scratch / "output"
-        settings = Settings.from_env()
+        settings = context.settings
         metrics = evaluate(
             dataset_dir, generated_sets, params, output, device=settings.device, on_progress=context.progress,
             checkpoint_dir=scratch / "checkpoints",
