@@ -209,7 +209,9 @@ def test_with_closed_gates_and_zero_lora_the_unet_predicts_as_frozen_and_is_rest
 def test_training_moves_gates_lora_and_the_scm_and_nothing_frozen_gets_a_gradient(tiny_sd, trained):
     adapter, folder, convnext_before, _ = trained
     assert not torch.all(adapter.gated.gammas() == 0)
+    assert torch.all(adapter.gated.gammas() != 0)  # every gate, not one
     assert any(key.endswith("lora_B.weight") and value.abs().sum() > 0 for key, value in adapter.lora_weights.items())
+    assert all(value.abs().sum() > 0 for key, value in adapter.lora_weights.items() if key.endswith("lora_B.weight"))
     convnext = adapter.grounding.convnext.state_dict()
     assert any(not torch.equal(value, convnext_before[key]) for key, value in convnext.items())
     for module in (tiny_sd.unet, tiny_sd.vae, tiny_sd.text_encoder):
@@ -427,6 +429,7 @@ def test_gsm_ablated_in_the_fine_tune_trains_the_lora_alone_and_generates_ungrou
     adapter, folder, recorded = ablated[("gsm", "ndi")]
     assert adapter.grounding is None and adapter.gated is None and not recorded.grounding_labels
     assert any(key.endswith("lora_B.weight") and value.abs().sum() > 0 for key, value in adapter.lora_weights.items())
+    assert all(value.abs().sum() > 0 for key, value in adapter.lora_weights.items() if key.endswith("lora_B.weight"))
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert files == ["adapter_config.json", "lora/adapter_config.json", "lora/adapter_model.safetensors",
                      "mask_embeds.safetensors"]

@@ -109,6 +109,8 @@ def _border_fade(mask: np.ndarray, band: int) -> np.ndarray:
         if not eroded.any():
             break
         core, inner = eroded, inner + 1
+    if inner == 0:  # the core is the mask itself: the floor is below the ramp everywhere
+        return _feathered(core, outer)
     return np.maximum(_feathered(core, inner + outer), MASK_WEIGHT_FLOOR * _feathered(whole, outer))
 
 

@@ -97,8 +97,10 @@ class TokenEmbeddingWithPlaceholders(torch.nn.Module):
     def __init__(self, table: torch.nn.Embedding, vectors: torch.Tensor, first_new_id: int):
         super().__init__()
         self.table = table
-        # float32 master copy: fp16 rows would lose Adam's small updates.
-        self.vectors = torch.nn.Parameter(vectors.to(table.weight.device, torch.float32), requires_grad=False)
+        # A float32 master copy (fp16 rows would lose Adam's small updates), never the caller's tensor,
+        # which training would otherwise change in place.
+        self.vectors = torch.nn.Parameter(vectors.detach().to(table.weight.device, torch.float32, copy=True),
+                                          requires_grad=False)
         self.first_new_id = first_new_id
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,8 @@ def train(
     run_json = json.dumps({**run, "seed": seed}, sort_keys=True)
     start = _resume(checkpoints, run_json, trainables, optimizer, scaler) if checkpoints else 0
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    recent: deque[dict[str, float]] = deque(maxlen=REPORTED_STEPS)
+    # Detached, still on the device: reading them each step would make the host wait for the GPU.
+    recent: deque[dict[str, torch.Tensor]] = deque(maxlen=REPORTED_STEPS)
     for step in range(start, steps):
         with torch.enable_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=mixed_precision):
             terms = loss_at(step, step_generator(seed, step))
@@ -74,7 +75,7 @@ def train(
         loss = terms[TOTAL]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss.float()).backward()
-        recent.append({name: float(value.detach()) for name, value in terms.items()})
+        recent.append({name: value.detach() for name, value in terms.items()})
         if max_grad_norm is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
@@ -86,7 +87,8 @@ def train(
             checkpoints.saved()
         if on_step is not None:
             on_step(done, steps)
-    return {name: float(np.mean([values[name] for values in recent])) for name in (recent[0] if recent else {})}
+    return {name: float(torch.stack([values[name].float() for values in recent]).mean())
+            for name in (recent[0] if recent else {})}
 
 
 def _state(trainable: Trainable):

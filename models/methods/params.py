@@ -8,7 +8,17 @@ Unknown names are rejected (``extra="forbid"``): a typo is a 422, not a silently
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 FloatRange = tuple[float, float]
 # Mask specs arrive inside the job body, which is validated as Python objects: these keep "3" or
@@ -39,19 +49,26 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-def ablation_field(names: Sequence[str]):
-    """The type of a method's `ablate` param: a set of its component names (spec.Component), so an
-    unknown name is a 422 that lists the known ones, and the web page shows them as checkboxes."""
-    return Annotated[list[Literal[tuple(names)]], Field(
+def check_unique(values: Sequence, name: str) -> None:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} has repeated entries")
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    check_unique(names, "ablate")
+    return names
+
+
+def ablation_field(components: Sequence):
+    """The type of a method's `ablate` param: a set of the names of its components (spec.Component),
+    so an unknown or repeated name is a 422 (listing the known ones), and the web page shows them
+    as checkboxes."""
+    names = tuple(component.name for component in components)
+    return Annotated[list[Literal[names]], AfterValidator(_unique_names), Field(
         default_factory=list, max_length=len(names),
         description="components to run without, as the paper's ablation rows do: " + ", ".join(names)
         + " (GET /v1/methods says what each does and whether a generate job can drop it)",
     )]
-
-
-def check_unique(values: Sequence, name: str) -> None:
-    if len(set(values)) != len(values):
-        raise ValueError(f"{name} has repeated entries")
 
 
 def check_ordered(rng: FloatRange, name: str) -> None:

@@ -7,7 +7,7 @@ in `method.py`.
 
 from pydantic import Field, model_validator
 
-from models.methods.params import FinetuneParams, ablation_field, check_unique
+from models.methods.params import FinetuneParams, ablation_field
 from models.methods.spec import Component, MethodSpec
 
 # What the paper's ablations take away: the learnt embedding itself (generating with the plain
@@ -33,13 +33,12 @@ class AnoGenParams(FinetuneParams):
         "ablate: [masked_loss] (kept for earlier jobs: the two must agree, and each is set from the other)",
     )
     refined_mask: bool = Field(default=False, description="generate: also write a mask of where the image changed")
-    ablate: ablation_field([component.name for component in COMPONENTS])
+    ablate: ablation_field(COMPONENTS)
 
     @model_validator(mode="after")
     def _check(self):
         """`ablate` is what the pipeline reads; `masked_loss`, the knob earlier jobs had, is kept in step
         with it (a stored job with masked_loss false loads as ablating it), and a contradiction is refused."""
-        check_unique(self.ablate, "ablate")
         ablated = "masked_loss" in self.ablate
         if ablated and self.masked_loss and "masked_loss" in self.model_fields_set:
             raise ValueError("masked_loss is true but ablate names masked_loss: say one or the other")

@@ -9,7 +9,7 @@ BLIP-2 side, and `sga.py`, the adapter), the job interface in `method.py`.
 
 from pydantic import Field, model_validator
 
-from models.methods.params import FadeRing, FinetuneParams, ablation_field, check_unique
+from models.methods.params import FadeRing, FinetuneParams, ablation_field
 from models.methods.spec import Component, MethodSpec
 
 # What the paper ablates ("w/o ASEA", "w/o SGA"). Both act while images are made: a generate job can
@@ -57,11 +57,10 @@ class AnomalyControlParams(FinetuneParams):
         "job's product and each reference's defect",
     )
     mask_dilation: FadeRing = 3
-    ablate: ablation_field([component.name for component in COMPONENTS])
+    ablate: ablation_field(COMPONENTS)
 
     @model_validator(mode="after")
     def _check(self):
-        check_unique(self.ablate, "ablate")
         if sum(self.cfg_dropout) > 1 or min(self.cfg_dropout) < 0:
             raise ValueError("cfg_dropout: three shares in [0, 1] that sum to at most 1")
         return self

@@ -18,7 +18,6 @@ from models.methods.params import (
     NormalBackground,
     ablation_field,
     check_ordered,
-    check_unique,
 )
 from models.methods.spec import Component, MethodSpec
 
@@ -84,11 +83,10 @@ class CADiffParams(FinetuneParams):
     )
     background: NormalBackground = "normal"
     mask_dilation: FadeRing = 3
-    ablate: ablation_field([component.name for component in COMPONENTS])
+    ablate: ablation_field(COMPONENTS)
 
     @model_validator(mode="after")
     def _check(self):
-        check_unique(self.ablate, "ablate")
         check_ordered(self.crop, "crop")
         check_ordered(self.intensity, "intensity")
         if not (0 < self.crop[0] and self.crop[1] <= 1):

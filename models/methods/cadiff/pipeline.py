@@ -183,7 +183,6 @@ class CADiffTraining:
         self.defects = list(dict.fromkeys(image.defect for image in images if image.defect is not None))
         self.defect_tokens = {defect: ANOMALY_TOKEN.format(k) for k, defect in enumerate(self.defects)}
         self.start = initial_embedding(sd, product, params.initializer_token, len(self.defects))
-        self.initial_vectors = self.start.vectors.clone()  # the token module may train `start`'s own tensor
         self.control = None  # None: the `controlnet` ablation
         if "controlnet" not in self.ablated:
             with torch.random.fork_rng(devices=[]):  # SAIM's initial weights from the run's seed: resumable
@@ -358,7 +357,7 @@ def finetune(
         embedding = training.learned_embedding()
         # 3. Diagnostics: the final losses, and whether the ControlNet and the tokens have moved.
         diagnostics = {"losses": {name: round(value, 6) for name, value in final_losses.items()},
-                       "token_shift": _relative_shift(embedding.vectors, training.initial_vectors)}
+                       "token_shift": _relative_shift(embedding.vectors, training.start.vectors)}
         if training.control is not None:
             diagnostics["control_to_skip_norm"] = training.control_contribution(torch.Generator().manual_seed(seed))
 

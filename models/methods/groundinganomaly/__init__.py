@@ -9,9 +9,9 @@ Torch-free: the method's spec and params. The model code is in `pipeline.py` (wi
 semantic map and its encoder, and `gsm.py`, the gated blocks and LoRA), the job interface in `method.py`.
 """
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from models.methods.params import FadeRing, FinetuneParams, NormalBackground, ablation_field, check_unique
+from models.methods.params import FadeRing, FinetuneParams, NormalBackground, ablation_field
 from models.methods.spec import Component, MethodSpec
 
 # The paper's ablation rows. The grounding's architecture (scm, sff) is fixed when the adapter is
@@ -71,12 +71,7 @@ class GroundingAnomalyParams(FinetuneParams):
     )
     background: NormalBackground = "normal"
     mask_dilation: FadeRing = 3
-    ablate: ablation_field([component.name for component in COMPONENTS])
-
-    @model_validator(mode="after")
-    def _check(self):
-        check_unique(self.ablate, "ablate")
-        return self
+    ablate: ablation_field(COMPONENTS)
 
     def learns_from_normals(self) -> bool:
         return "mnt" not in self.ablate and self.normal_fraction > 0
@@ -97,4 +92,5 @@ SPEC = MethodSpec(
     finetune_needs_normals=True,
     finetune_learns_defect_types=True,
     components=COMPONENTS,
+    trained_components=("gsm", "lora"),
 )

@@ -209,8 +209,9 @@ def finetune(
     every step and may raise to stop.
     """
     ablated = sorted(params.ablate)
-    normal_fraction = 0.0 if "mnt" in ablated else params.normal_fraction
-    normals = [] if "mnt" in ablated else list(normals)
+    learns_from_normals = params.learns_from_normals()
+    normal_fraction = params.normal_fraction if learns_from_normals else 0.0
+    normals = list(normals) if learns_from_normals else []
     _check_training_set(exemplars, normals, normal_fraction, ablated)
     report = on_progress or (lambda _stage, _done, _total: None)
     defects = list(dict.fromkeys(e.defect for e in exemplars))

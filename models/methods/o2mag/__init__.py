@@ -64,16 +64,14 @@ class O2MAGParams(DiffusionParams):
         "inside the mask; 0: the paper's start, the normal image's inverted noise, and no dependence on the seed",
     )
 
-    ablate: ablation_field([component.name for component in COMPONENTS])
+    ablate: ablation_field(COMPONENTS)
 
     @model_validator(mode="after")
     def _check(self):
-        check_unique(self.ablate, "ablate")
         check_ordered(self.dae_window, "dae_window")
         if not (0 <= self.dae_window[0] and self.dae_window[1] <= 1):
             raise ValueError("dae_window must lie in [0, 1]")
-        if len(set(self.graft_resolutions)) != len(self.graft_resolutions):
-            raise ValueError("graft_resolutions has repeated entries")
+        check_unique(self.graft_resolutions, "graft_resolutions")
         return self
 
 
